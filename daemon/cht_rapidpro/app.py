@@ -1,0 +1,141 @@
+"""Wiring: the aiohttp application, its resources (cleanup_ctx), routes, and `serve()`.
+
+This is the only module that constructs and connects components.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import systemd
+from .config import Settings
+from .couch.client import CouchClient
+from .gateway import Gateway
+from .logs import get_logger
+from .metrics import Metrics
+from .outbound import Identity
+from .rapidpro.client import RapidProClient
+from .rapidpro.throttle import BROADCASTS, MESSAGES, Budget
+
+SETTINGS = web.AppKey("settings", Settings)
+GATEWAY = web.AppKey("gateway", Gateway)
+METRICS = web.AppKey("metrics", Metrics)
+ON_FATAL = web.AppKey("on_fatal", Callable[[int], None])
+IDENTITY = web.AppKey("identity", Identity)
+
+log = get_logger(component="app")
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    """Sessions and clients first, workers last; unwound in reverse on shutdown."""
+    settings = app[SETTINGS]
+    couch = CouchClient.connect(settings.couch, timeout_s=settings.couch_timeout_s)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max(8, settings.send_concurrency * 2)),
+        timeout=aiohttp.ClientTimeout(total=settings.send_timeout_s),
+    )
+    try:
+        budget = Budget(
+            {BROADCASTS: settings.broadcasts_per_hour, MESSAGES: settings.messages_per_hour}
+        )
+        rapidpro = RapidProClient(session, budget, timeout_s=settings.send_timeout_s)
+        gateway = Gateway(
+            settings=settings,
+            couch=couch,
+            rapidpro=rapidpro,
+            metrics=app[METRICS],
+            on_fatal=app[ON_FATAL],
+            identity=app.get(IDENTITY),
+        )
+        app[GATEWAY] = gateway
+        gateway.start()
+        yield
+        await gateway.stop()
+    finally:
+        await session.close()
+        await couch.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    healthy, problems = request.app[GATEWAY].health()
+    return web.json_response(
+        {"status": "ok" if healthy else "degraded", "problems": problems},
+        status=200 if healthy else 503,
+    )
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_app(
+    settings: Settings,
+    *,
+    on_fatal: Callable[[int], None],
+    identity: Identity | None = None,
+) -> web.Application:
+    app = web.Application(client_max_size=settings.webhook_max_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[ON_FATAL] = on_fatal
+    if identity is not None:
+        app[IDENTITY] = identity
+    app.cleanup_ctx.append(_resources)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_view)
+    return app
+
+
+async def serve(settings: Settings) -> int:
+    """Run the daemon until SIGTERM/SIGINT or a fatal error; returns the exit code."""
+    stop = asyncio.Event()
+    exit_code = 0
+
+    def request_stop(code: int = 0) -> None:
+        nonlocal exit_code
+        if code and not exit_code:
+            exit_code = code
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop)
+    runner = web.AppRunner(
+        build_app(settings, on_fatal=request_stop),
+        access_log=None,
+        shutdown_timeout=2.0,
+    )
+    try:
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, settings.listen_host, settings.listen_port).start()
+        except OSError as exc:
+            log.critical(
+                "listen_failed",
+                listen=f"{settings.listen_host}:{settings.listen_port}",
+                error=exc.strerror or str(exc),
+            )
+            return 71  # EX_OSERR: systemd retries (the old process may still hold the port)
+        systemd.notify("READY=1")
+        log.info("gateway_started", listen=f"{settings.listen_host}:{settings.listen_port}")
+        await stop.wait()
+        systemd.notify("STOPPING=1")
+        log.info("gateway_stopping", exit_code=exit_code)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        # Keep this below systemd's TimeoutStopSec: sends get shutdown_grace_s, the rest
+        # (handlers, checkpoint, sessions) a little more.
+        try:
+            async with asyncio.timeout(settings.shutdown_grace_s + 3.0):
+                await runner.cleanup()
+        except TimeoutError:
+            log.error("shutdown_deadline_exceeded", deadline_s=settings.shutdown_grace_s + 3.0)
+    return exit_code

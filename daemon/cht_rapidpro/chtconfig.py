@@ -1,0 +1,263 @@
+"""CHT's own configuration, read where CHT keeps it and kept current without a restart.
+
+- App settings: the `settings` doc of the medic db (`.settings`), legacy
+  `_design/medic.app_settings` as a fallback; reloaded when the changes feed shows it.
+- Credentials `rapidpro:outgoing` / `rapidpro:incoming`: CHT 4.x `medic-vault` (AES, keyed by
+  the CouchDB secret), else CHT 3.x config section `medic-credentials`; re-read periodically
+  and on demand (e.g. after RapidPro refuses the token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from yarl import URL
+
+from .cht import credentials as creds
+from .couch.client import CouchClient, NotFoundError
+from .errors import AuthError, GatewayError
+from .logs import get_logger
+from .rapidpro.models import Target
+
+SECRET_LOCATIONS = (("couch_httpd_auth", "secret"), ("chttpd_auth", "secret"))
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Whether the daemon should send and poll now, and if not, why (an actionable text)."""
+
+    target: Target | None
+    reason: str | None
+    severity: str = "info"  # "error" when a human must fix something
+
+    @property
+    def open(self) -> bool:
+        return self.target is not None
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRead:
+    value: str | None
+    source: str | None  # "vault" | "config" | None
+    problem: str | None
+
+
+async def read_credential(couch: CouchClient, key: str) -> CredentialRead:
+    """Read a CHT credential: the 4.x vault first, then the 3.x config section."""
+    try:
+        stored = await couch.vault_password(key)
+    except NotFoundError:
+        stored = None
+    if stored is not None:
+        secrets: list[str] = []
+        for section, name in SECRET_LOCATIONS:
+            value = await couch.config_value(section, name)
+            if value and value not in secrets:
+                secrets.append(value)
+        if not secrets:
+            return CredentialRead(
+                None,
+                "vault",
+                f"credential {key} is in {couch.target.vault_db} but the CouchDB secret "
+                "(couch_httpd_auth/secret or chttpd_auth/secret) is not set, so it cannot be "
+                "decrypted",
+            )
+        for secret in secrets:
+            try:
+                return CredentialRead(creds.decrypt(secret, stored), "vault", None)
+            except creds.CredentialError:
+                continue
+        return CredentialRead(
+            None,
+            "vault",
+            f"credential {key} in {couch.target.vault_db} does not decrypt with the CouchDB "
+            "secret (was the secret changed?): set it again with "
+            f"PUT /api/v1/credentials/{key}",
+        )
+    value = await couch.config_value("medic-credentials", key)
+    if value:
+        return CredentialRead(value, "config", None)
+    return CredentialRead(None, None, None)
+
+
+class ChtConfig:
+    """The live CHT configuration this daemon acts on."""
+
+    def __init__(self, couch: CouchClient, *, service: str, refresh_s: float) -> None:
+        self._couch = couch
+        self._service = service
+        self._refresh_s = refresh_s
+        self._log = get_logger(component="config")
+        self.app_settings: dict[str, Any] = {}
+        self.settings_rev: str | None = None
+        self.settings_loaded = False
+        self._outgoing: CredentialRead = CredentialRead(None, None, None)
+        self._incoming: CredentialRead = CredentialRead(None, None, None)
+        self._read_at = 0.0
+        self._refresh_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._gate = self._compute_gate()
+
+    # -- app settings ---------------------------------------------------------------------
+
+    async def load_settings(self) -> None:
+        """Read the settings doc (or the pre-3.0 location) once, at start-up."""
+        doc = await self._couch.get("settings")
+        if doc is not None:
+            self.apply_settings_doc(doc)
+            return
+        legacy = await self._couch.get("_design/medic")
+        if legacy is not None and isinstance(legacy.get("app_settings"), dict):
+            self._set_settings(legacy["app_settings"], legacy.get("_rev"))
+        else:
+            self._set_settings({}, None)
+            self._log.warning(
+                "settings_missing",
+                hint="no 'settings' doc in the medic db: is COUCH_URL pointing at CHT's db?",
+            )
+
+    def apply_settings_doc(self, doc: Mapping[str, Any]) -> None:
+        """Take a new revision of the `settings` doc (from the changes feed)."""
+        if doc.get("_deleted"):
+            self._set_settings({}, None)
+            return
+        if doc.get("_rev") is not None and doc.get("_rev") == self.settings_rev:
+            return
+        settings = doc.get("settings")
+        if not isinstance(settings, dict):
+            self._log.error("settings_invalid", problem="the settings doc has no 'settings' object")
+            settings = {}
+        self._set_settings(settings, doc.get("_rev"))
+
+    def _set_settings(self, settings: dict[str, Any], rev: Any) -> None:
+        self.app_settings = settings
+        self.settings_rev = rev if isinstance(rev, str) else None
+        self.settings_loaded = True
+        self._log.info("settings_loaded", rev=self.settings_rev, forms=len(self.forms))
+        self._update_gate()
+
+    @property
+    def forms(self) -> dict[str, Any]:
+        forms = self.app_settings.get("forms")
+        return forms if isinstance(forms, dict) else {}
+
+    @property
+    def sms(self) -> dict[str, Any]:
+        sms = self.app_settings.get("sms")
+        return sms if isinstance(sms, dict) else {}
+
+    # -- credentials ----------------------------------------------------------------------
+
+    async def refresh_credentials(self, *, force: bool = False) -> None:
+        """Re-read both credentials if the last read is older than the refresh period."""
+        async with self._refresh_lock:
+            if not force and time.monotonic() - self._read_at < self._refresh_s:
+                return
+            try:
+                outgoing = await read_credential(self._couch, creds.OUTGOING)
+                incoming = await read_credential(self._couch, creds.INCOMING)
+            except AuthError as exc:
+                problem = (
+                    f"cannot read credentials: {exc}; COUCH_URL must name a CouchDB server "
+                    "admin (CHT's own admin user)"
+                )
+                outgoing = CredentialRead(None, None, problem)
+                incoming = CredentialRead(None, None, problem)
+            except GatewayError as exc:
+                self._log.warning("credentials_read_retrying", error=str(exc))
+                return  # keep what we had; try again next time
+            self._read_at = time.monotonic()
+            if (outgoing, incoming) != (self._outgoing, self._incoming):
+                for key, read in ((creds.OUTGOING, outgoing), (creds.INCOMING, incoming)):
+                    self._log.info(
+                        "credential_loaded" if read.value else "credential_missing",
+                        key=key,
+                        source=read.source,
+                        problem=read.problem,
+                    )
+            self._outgoing, self._incoming = outgoing, incoming
+            self._update_gate()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Background refresh of the credentials (they live outside the medic db)."""
+        while not stop.is_set():
+            await self.refresh_credentials()
+            try:
+                await asyncio.wait_for(stop.wait(), self._refresh_s)
+            except TimeoutError:
+                pass
+
+    @property
+    def incoming_key(self) -> str | None:
+        return self._incoming.value
+
+    @property
+    def incoming_problem(self) -> str | None:
+        return self._incoming.problem
+
+    # -- the gate -------------------------------------------------------------------------
+
+    def _compute_gate(self) -> Gate:
+        if not self.settings_loaded:
+            return Gate(None, "app settings not loaded yet")
+        service = self.sms.get("outgoing_service")
+        if service != self._service:
+            return Gate(
+                None,
+                f"app settings sms.outgoing_service is {service!r}, not {self._service!r}: "
+                "another sender is in charge, so this daemon neither sends nor polls",
+            )
+        rapidpro = self.sms.get("rapidpro")
+        raw_url = rapidpro.get("url") if isinstance(rapidpro, dict) else None
+        if not raw_url or not isinstance(raw_url, str):
+            return Gate(
+                None,
+                "No RapidPro URL configured: set app settings sms.rapidpro.url "
+                "(e.g. https://textit.com)",
+                "error",
+            )
+        try:
+            url = URL(raw_url.strip())
+        except ValueError:
+            url = URL()
+        if url.scheme not in ("http", "https") or not url.host:
+            return Gate(None, f"sms.rapidpro.url {raw_url!r} is not an http(s) URL", "error")
+        if not self._outgoing.value:
+            problem = self._outgoing.problem or (
+                "No api key configured: store the RapidPro API token as credential "
+                "rapidpro:outgoing (CHT 4.x: PUT /api/v1/credentials/rapidpro:outgoing; "
+                "CHT 3.x: CouchDB config medic-credentials/rapidpro:outgoing)"
+            )
+            return Gate(None, problem, "error")
+        return Gate(Target(url=url, token=self._outgoing.value), None)
+
+    def _update_gate(self) -> None:
+        gate = self._compute_gate()
+        if gate == self._gate:
+            return
+        self._gate = gate
+        if gate.open:
+            assert gate.target is not None
+            self._log.info("sending_enabled", rapidpro_url=str(gate.target.url))
+        else:
+            log = self._log.error if gate.severity == "error" else self._log.info
+            log("sending_disabled", reason=gate.reason)
+        # Wake whoever waits for a change, then arm a fresh event for the next one.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    @property
+    def gate(self) -> Gate:
+        return self._gate
+
+    async def wait_changed(self, timeout: float | None = None) -> None:
+        """Wait until the gate changes (or `timeout` passes)."""
+        event = self._changed
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass

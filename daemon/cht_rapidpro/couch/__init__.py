@@ -1,0 +1,1 @@
+"""CouchDB access: the typed client and the changes-feed follower."""

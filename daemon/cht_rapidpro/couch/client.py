@@ -1,0 +1,417 @@
+"""Thin, typed CouchDB access for the CHT `medic` db, its vault and the server config.
+
+aiocouch handles documents and bulk writes; the changes feed, views and `_node/.../_config`
+use plain aiohttp on aiocouch's own session (one connection pool, one set of credentials).
+Every HTTP outcome becomes an `errors` class here; no business rules live in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiocouch
+import aiocouch.exception
+import aiohttp
+from aiocouch.bulk import BulkOperation
+from aiocouch.document import Document
+
+from ..config import CouchTarget
+from ..errors import AuthError, ConflictError, GatewayError, RetryableError
+
+JsonDict = dict[str, Any]
+
+
+class NotFoundError(GatewayError):
+    """The database or document does not exist."""
+
+
+async def couch_compat(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """Client middleware every CouchDB request goes through.
+
+    `Accept: application/json` makes pouchdb-server label JSON as JSON, and
+    `Accept-Encoding: identity` stops Express from gzip-buffering streamed responses
+    (spec couchdb-test-server §5). Both are harmless on Apache CouchDB.
+    """
+    request.headers["Accept"] = "application/json"
+    request.headers["Accept-Encoding"] = "identity"
+    return await handler(request)
+
+
+@contextlib.contextmanager
+def mapped_errors(what: str) -> Iterator[None]:
+    """Turn aiocouch/aiohttp outcomes into `errors` classes, in one table."""
+    try:
+        yield
+    except aiocouch.ConflictError as exc:
+        raise ConflictError(f"{what}: conflict") from exc
+    except (aiocouch.UnauthorizedError, aiocouch.ForbiddenError) as exc:
+        raise AuthError(f"{what}: CouchDB refused the credentials ({exc})") from exc
+    except aiocouch.NotFoundError as exc:
+        raise NotFoundError(f"{what}: not found") from exc
+    except aiocouch.exception.RemoteResponseError as exc:
+        raise _from_status(what, exc.status, str(exc.reason or exc.message)) from exc
+    except ValueError as exc:
+        # aiocouch raises a bare ValueError for statuses it has no class for (5xx).
+        cause = exc.__cause__
+        if isinstance(cause, aiohttp.ClientResponseError):
+            raise _from_status(what, cause.status, cause.message) from exc
+        raise
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise RetryableError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def _from_status(what: str, status: int, reason: str) -> GatewayError:
+    if status in (401, 403):
+        return AuthError(f"{what}: CouchDB answered {status} ({reason})")
+    if status == 404:
+        return NotFoundError(f"{what}: not found ({reason})")
+    if status == 409:
+        return ConflictError(f"{what}: conflict")
+    return RetryableError(f"{what}: CouchDB answered {status} ({reason})")
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """One row of a `_bulk_docs` answer."""
+
+    id: str
+    rev: str | None
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def conflict(self) -> bool:
+        return self.error == "conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesPage:
+    results: list[JsonDict]
+    last_seq: Any  # opaque: never parsed, compared or incremented
+
+
+class CouchClient:
+    """The CHT `medic` database (plus its `-vault` db and the server config)."""
+
+    def __init__(self, couch: aiocouch.CouchDB, target: CouchTarget, *, timeout_s: float) -> None:
+        self.target = target
+        self._couch = couch
+        # aiocouch has no public accessor for its session; the feed, views and config calls
+        # reuse it so that every CouchDB request shares one pool, auth and middleware.
+        self._session: aiohttp.ClientSession = couch._server._http_session
+        self._base = str(target.server).rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s))
+        self.db = aiocouch.Database(couch, target.db)
+        self.vault = aiocouch.Database(couch, target.vault_db)
+        self._node: str | None = None
+
+    @classmethod
+    def connect(cls, target: CouchTarget, *, timeout_s: float) -> CouchClient:
+        """A client with its own aiocouch session; close it with `close()`."""
+        couch = aiocouch.CouchDB(
+            str(target.server).rstrip("/"),
+            user=target.user,
+            password=target.password,
+            middlewares=(couch_compat,),
+            timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s)),
+            connector=aiohttp.TCPConnector(limit=64),
+        )
+        return cls(couch, target, timeout_s=timeout_s)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    # -- plain HTTP -----------------------------------------------------------------------
+
+    def _url(self, *segments: str) -> str:
+        return self._base + "/" + "/".join(quote(s, safe="") for s in segments)
+
+    async def _request_json(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> Any:
+        with mapped_errors(what):
+            async with self._session.request(
+                method,
+                url,
+                params=params,
+                data=None if body is None else json.dumps(body),
+                headers={"Content-Type": "application/json"} if body is not None else None,
+                timeout=timeout or self._timeout,
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    reason = ""
+                    with contextlib.suppress(ValueError, AttributeError):
+                        reason = json.loads(raw).get("reason", "")
+                    raise _from_status(what, resp.status, reason)
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise RetryableError(f"{what}: CouchDB sent invalid JSON") from exc
+
+    async def server_info(self) -> JsonDict:
+        info: JsonDict = await self._request_json("GET", self._base + "/", "server info")
+        return info
+
+    async def db_info(self) -> JsonDict:
+        info: JsonDict = await self._request_json("GET", self._url(self.target.db), "db info")
+        return info
+
+    # -- documents (aiocouch) -------------------------------------------------------------
+
+    async def get(self, doc_id: str, *, db: aiocouch.Database | None = None) -> JsonDict | None:
+        """A document, or None if it does not exist (or was deleted)."""
+        database = db or self.db
+        try:
+            with mapped_errors(f"get {doc_id}"):
+                doc = await database.get(doc_id)
+        except NotFoundError:
+            return None
+        return dict(doc._data) if doc.exists else None
+
+    async def get_many(self, doc_ids: Sequence[str]) -> dict[str, JsonDict]:
+        """Current revisions of existing documents among `doc_ids` (one request)."""
+        if not doc_ids:
+            return {}
+        found: dict[str, JsonDict] = {}
+        with mapped_errors("get docs"):
+            async for doc in self.db.docs(list(doc_ids), create=True):
+                if doc.exists:
+                    found[doc.id] = dict(doc._data)
+        return found
+
+    async def bulk_write(self, docs: Sequence[JsonDict]) -> list[WriteResult]:
+        """Write documents with `_bulk_docs`; conflicts come back per row, not raised.
+
+        A written dict gets its new `_rev` (aiocouch updates the data it was given).
+        """
+        if not docs:
+            return []
+        with mapped_errors("bulk write"):
+            async with BulkOperation(self.db) as bulk:
+                for body in docs:
+                    bulk.append(Document(self.db, body["_id"], data=body))
+        rows = bulk.response or []
+        return [
+            WriteResult(id=row.get("id", ""), rev=row.get("rev"), error=row.get("error"))
+            for row in rows
+        ]
+
+    async def create(self, body: JsonDict) -> str:
+        """Create a document with a chosen `_id`; ConflictError if that id exists."""
+        doc = Document(self.db, body["_id"], data=body)
+        with mapped_errors(f"create {body['_id']}"):
+            await doc.save()
+        return str(doc.rev)
+
+    async def put_local(self, local_id: str, body: JsonDict) -> None:
+        """Write a `_local/` doc, whatever its current revision.
+
+        CouchDB 3 overwrites `_local` docs without checking `_rev`; pouchdb-server checks it.
+        Reading the current rev first is correct on both.
+        """
+        doc_id = f"_local/{local_id}"
+        current = await self.get(doc_id)
+        data = dict(body)
+        if current and "_rev" in current:
+            data["_rev"] = current["_rev"]
+        doc = Document(self.db, doc_id, data=data)
+        with mapped_errors(f"write {doc_id}"):
+            await doc.save()
+
+    # -- changes feed ---------------------------------------------------------------------
+
+    async def changes(
+        self,
+        since: Any,
+        *,
+        limit: int,
+        heartbeat_s: float,
+        longpoll: bool = True,
+        include_docs: bool = True,
+    ) -> ChangesPage:
+        """One `_changes` request: returns at once if changes are waiting, else long-polls.
+
+        Heartbeats keep the connection alive while it waits; a silent connection for two
+        heartbeat periods counts as dead (retryable).
+        """
+        params = {"limit": str(limit), "style": "main_only"}
+        if since is not None:
+            params["since"] = since if isinstance(since, str) else json.dumps(since)
+        if include_docs:
+            params["include_docs"] = "true"
+        if longpoll:
+            heartbeat_ms = max(1000, int(heartbeat_s * 1000))
+            params.update(
+                feed="longpoll", heartbeat=str(heartbeat_ms), timeout=str(heartbeat_ms * 6)
+            )
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self._timeout.sock_connect, sock_read=2 * heartbeat_s + 5
+        )
+        body = await self._request_json(
+            "GET",
+            self._url(self.target.db, "_changes"),
+            "changes feed",
+            params=params,
+            timeout=timeout,
+        )
+        return ChangesPage(results=body.get("results") or [], last_seq=body.get("last_seq"))
+
+    # -- views ----------------------------------------------------------------------------
+
+    async def has_view(self, ddoc: str, view: str) -> bool:
+        """True if `_design/{ddoc}` defines `view` (checked before querying it)."""
+        design = await self.get(f"_design/{ddoc}")
+        views = design.get("views") if design else None
+        return isinstance(views, dict) and view in views
+
+    async def view(
+        self, ddoc: str, view: str, *, keys: Sequence[Any] | None = None, **params: Any
+    ) -> list[JsonDict]:
+        """Rows of a view query; parameters are JSON-encoded as CouchDB expects."""
+        query = {k: json.dumps(v) for k, v in params.items()}
+        url = self._url(self.target.db, "_design", ddoc, "_view", view)
+        what = f"view {ddoc}/{view}"
+        if keys is None:
+            body = await self._request_json("GET", url, what, params=query)
+        else:
+            body = await self._request_json(
+                "POST", url, what, params=query, body={"keys": list(keys)}
+            )
+        rows: list[JsonDict] = body.get("rows") or []
+        return rows
+
+    async def scan_docs(self, *, page_size: int = 500) -> AsyncIterator[list[JsonDict]]:
+        """Every document in the db, a page at a time (design docs left out)."""
+        start: str | None = None
+        while True:
+            params: dict[str, str] = {"include_docs": "true", "limit": str(page_size + 1)}
+            if start is not None:
+                params["startkey"] = json.dumps(start)
+            body = await self._request_json(
+                "GET", self._url(self.target.db, "_all_docs"), "scan docs", params=params
+            )
+            rows = body.get("rows") or []
+            page = rows[:page_size]
+            docs = [
+                row["doc"]
+                for row in page
+                if isinstance(row.get("doc"), dict) and not row["id"].startswith("_design/")
+            ]
+            if docs:
+                yield docs
+            if len(rows) <= page_size:
+                return
+            start = rows[page_size]["id"]
+
+    # -- server config and credentials -----------------------------------------------------
+
+    async def node_name(self) -> str:
+        """This server's node name, from `/_membership` (portable across CouchDB 3 and
+        pouchdb-server, unlike `_node/_local`)."""
+        if self._node is None:
+            body = await self._request_json("GET", self._base + "/_membership", "membership")
+            nodes = body.get("all_nodes") or []
+            if not nodes:
+                raise RetryableError("membership: no nodes listed")
+            self._node = str(nodes[0])
+        return self._node
+
+    async def config_value(self, section: str, key: str) -> str | None:
+        """A server config value (`/_node/{node}/_config/{section}/{key}`), None if unset."""
+        node = await self.node_name()
+        url = self._url("_node", node, "_config", section, key)
+        try:
+            value = await self._request_json("GET", url, f"config {section}/{key}")
+        except NotFoundError:
+            return None
+        return value if isinstance(value, str) else None
+
+    async def vault_password(self, key: str) -> str | None:
+        """The encrypted `password` of CHT 4.x vault credential `key`, None if absent."""
+        doc = await self.get(f"credential:{key}", db=self.vault)
+        if doc is None:
+            return None
+        password = doc.get("password")
+        return password if isinstance(password, str) and password else None
+
+
+class BulkWriter:
+    """Group commit for `_bulk_docs`: concurrent writers share one request.
+
+    A caller waits for its own row. While a request is in flight, new writes accumulate
+    and go together in the next one, so batching grows with load and costs nothing when
+    idle.
+    """
+
+    def __init__(self, client: CouchClient, *, max_batch: int = 500) -> None:
+        self._client = client
+        self._max_batch = max_batch
+        self._queue: list[tuple[JsonDict, asyncio.Future[WriteResult]]] = []
+        self._flushing = False
+        self.requests = 0  # bulk requests made (for tests and benchmarks)
+
+    async def write(self, doc: JsonDict) -> WriteResult:
+        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        self._queue.append((doc, future))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._start_flush)
+        return await future
+
+    def _start_flush(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._flush(), name="bulk-writer")
+        task.add_done_callback(_retrieve)
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+                # Two writes of one doc can't share a request: the second would conflict
+                # with the first. Keep the first and push the rest to the next round.
+                seen: set[str] = set()
+                now, later = [], []
+                for item in batch:
+                    (later if item[0]["_id"] in seen else now).append(item)
+                    seen.add(item[0]["_id"])
+                self._queue = later + self._queue
+                self.requests += 1
+                try:
+                    rows = await self._client.bulk_write([doc for doc, _ in now])
+                except BaseException as exc:
+                    for _, future in now:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                by_id = {row.id: row for row in rows}
+                for doc, future in now:
+                    row = by_id.get(doc["_id"]) or WriteResult(doc["_id"], None, "missing_row")
+                    if not future.done():
+                        future.set_result(row)
+        finally:
+            self._flushing = False
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,98 @@
+"""Prometheus metrics, on a registry per application (tests build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """Every metric the daemon exports at `/metrics`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.messages_sent = Counter(
+            "chtrp_messages_sent_total",
+            "Messages accepted by RapidPro (broadcast created).",
+            registry=r,
+        )
+        self.messages_adopted = Counter(
+            "chtrp_messages_adopted_total",
+            "Uncertain sends found already created in RapidPro and adopted, not resent.",
+            registry=r,
+        )
+        self.messages_failed = Counter(
+            "chtrp_messages_failed_total",
+            "Messages marked failed (RapidPro 400 or status).",
+            registry=r,
+        )
+        self.messages_delivered = Counter(
+            "chtrp_messages_delivered_total", "Messages that reached 'delivered'.", registry=r
+        )
+        self.state_updates = Counter(
+            "chtrp_state_updates_total",
+            "Task state changes written from status polls.",
+            ["state"],
+            registry=r,
+        )
+        self.send_errors = Counter(
+            "chtrp_send_errors_total",
+            "Broadcast POSTs that failed, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.bad_documents = Counter(
+            "chtrp_bad_documents_total",
+            "Documents skipped because a task was malformed.",
+            registry=r,
+        )
+        self.write_conflicts = Counter(
+            "chtrp_write_conflicts_total",
+            "CouchDB write conflicts (re-read and re-applied).",
+            registry=r,
+        )
+        self.rapidpro_requests = Counter(
+            "chtrp_rapidpro_requests_total",
+            "Requests made to RapidPro, by throttle scope.",
+            ["scope"],
+            registry=r,
+        )
+        self.rapidpro_throttled = Counter(
+            "chtrp_rapidpro_throttled_total",
+            "429 answers from RapidPro, by throttle scope.",
+            ["scope"],
+            registry=r,
+        )
+        self.status_polls = Counter(
+            "chtrp_status_polls_total", "Delivery-status poll rounds completed.", registry=r
+        )
+        self.in_flight = Gauge(
+            "chtrp_in_flight_messages",
+            "Messages whose delivery status is being tracked.",
+            registry=r,
+        )
+        self.send_queue = Gauge(
+            "chtrp_send_queue_documents", "Documents waiting to be sent.", registry=r
+        )
+        self.webhook_requests = Counter(
+            "chtrp_webhook_requests_total",
+            "Incoming-webhook answers, by HTTP status.",
+            ["code"],
+            registry=r,
+        )
+        self.feed_lag = Gauge(
+            "chtrp_feed_lag_seconds",
+            "Seconds since the changes feed last caught up.",
+            registry=r,
+        )
+        self.checkpoint_age = Gauge(
+            "chtrp_checkpoint_age_seconds",
+            "Seconds since the feed checkpoint was last saved.",
+            registry=r,
+        )
+        self.send_latency = Histogram(
+            "chtrp_send_seconds",
+            "Time from picking a document up to RapidPro's answer.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )

@@ -1,0 +1,802 @@
+"""Outgoing sends: a pending task is claimed, sent as a RapidPro broadcast, and written back.
+
+The order per document, and why:
+1. **Claim** (CouchDB write): the task goes to `forwarded-to-gateway` with details naming this
+   process. MVCC lets one writer win, so replicas never send the same task twice.
+2. **Reconcile** (only when an earlier attempt may have reached RapidPro: a crash, a timeout,
+   a 5xx): look for the broadcast in RapidPro before sending again. RapidPro has no
+   idempotency key; this lookup is ours.
+3. **Send**: `POST /api/v2/broadcasts.json`, within the client-side budget.
+4. **Write back** with CHT's `setTaskState`: `received-by-gateway` + `gateway_ref`, or `failed`
+   with RapidPro's reason on a 400. A conflict is re-read and re-applied only while the task
+   still carries our claim, so a `cleared`/`muted` set meanwhile is never overwritten.
+
+Transient failures never mark a message failed: the job waits (global pause for RapidPro
+outages, per-message backoff for a message that keeps failing) and the claim is renewed
+before it could look abandoned to a replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .cht.outgoing import (
+    Claim,
+    MalformedTaskError,
+    OutgoingMessage,
+    SendableTask,
+    TaskRef,
+    claim_details,
+    find_claim,
+    same_messages,
+    sendable_tasks,
+    task_at,
+)
+from .cht.phone import mask, normalize
+from .cht.state import State, set_task_state
+from .chtconfig import ChtConfig
+from .config import Settings
+from .couch.client import BulkWriter, CouchClient, JsonDict
+from .errors import (
+    AuthError,
+    GatewayError,
+    PermanentError,
+    RetryableError,
+    UpstreamConfigError,
+)
+from .logs import get_logger
+from .metrics import Metrics
+from .rapidpro.client import RapidProClient
+from .rapidpro.models import Broadcast, Target
+from .retry import Backoff, sleep_or_wake
+
+Release = Callable[[], None]
+#: How many rounds of conflict → re-read → re-apply a write gets before we let it go.
+MAX_WRITE_ROUNDS = 8
+#: Pause after RapidPro refuses our token or URL, unless the configuration changes first.
+CONFIG_PAUSE_S = 60.0
+_DIGITS = re.compile(r"\+?\d[\d ]{3,}\d")
+
+
+def escape_text(text: str) -> str:
+    """RapidPro evaluates broadcast text as a template: `@@` is a literal `@`."""
+    return text.replace("@", "@@")
+
+
+def redact(text: str) -> str:
+    """A RapidPro error summary fit for logs: phone numbers (any digit run) removed."""
+    return _DIGITS.sub("***", text)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who claims: the configured instance name and this process's boot id."""
+
+    instance: str
+    boot: str
+
+    @classmethod
+    def new(cls, instance: str) -> Identity:
+        return cls(instance=instance, boot=uuid.uuid4().hex[:12])
+
+    def owns(self, claim: Claim | None) -> bool:
+        return claim is not None and claim.instance == self.instance and claim.boot == self.boot
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    broadcast: Broadcast
+    adopted: bool  # found by reconciliation, not posted by this attempt
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    summary: str
+
+
+@dataclass(slots=True)
+class MessageJob:
+    message: OutgoingMessage
+    urn: str
+    text: str  # escaped, exactly as posted
+    uncertain: bool  # an earlier attempt may have created the broadcast: reconcile first
+    result: Accepted | Rejected | None = None
+    attempts: int = 0
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+@dataclass(slots=True)
+class TaskJob:
+    ref: TaskRef
+    messages: list[MessageJob]
+    since: datetime  # earliest moment an earlier claimant could have posted
+
+
+@dataclass(slots=True)
+class DocJob:
+    doc: JsonDict  # our latest revision of the document (carries our claims)
+    tasks: list[TaskJob]
+    claimed_at: float  # monotonic time of our last claim write
+    releases: list[Release]
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class _Entry:
+    doc: JsonDict
+    releases: list[Release]
+
+
+class _Stopping(Exception):
+    """Raised inside a job when the daemon is shutting down."""
+
+
+class _Abandon(Exception):
+    """The job cannot go on now (sending disabled, claim lost); its claims stay."""
+
+
+class Reconciler:
+    """Finds broadcasts an earlier, uncertain attempt may have created.
+
+    Concurrent lookups share one scan of `GET /broadcasts.json?after=...` (newest first), and
+    each broadcast is handed to at most one message, so two identical messages never adopt
+    the same broadcast.
+    """
+
+    def __init__(
+        self,
+        rapidpro: RapidProClient,
+        *,
+        skew: timedelta,
+        is_taken: Callable[[Any], bool],
+    ) -> None:
+        self._rapidpro = rapidpro
+        self._skew = skew
+        self._is_taken = is_taken
+        self._pending: list[tuple[MessageJob, datetime, asyncio.Future[Broadcast | None]]] = []
+        self._lock = asyncio.Lock()
+        # Broadcasts handed out recently; once written back, `is_taken` knows them too.
+        self._adopted: OrderedDict[str, None] = OrderedDict()
+        self.scans = 0
+
+    async def find(self, target: Target, job: MessageJob, since: datetime) -> Broadcast | None:
+        future: asyncio.Future[Broadcast | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((job, since, future))
+        async with self._lock:
+            if not future.done():
+                await self._scan(target)
+        return await future
+
+    async def _scan(self, target: Target) -> None:
+        """One scan for every lookup queued so far; results and errors go to the futures."""
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        self.scans += 1
+        after = min(since for _, since, _ in batch) - self._skew
+        open_items = list(batch)
+        try:
+            async for page in self._rapidpro.broadcasts(target, after=after):
+                for broadcast in page:
+                    key = str(broadcast.id)
+                    if broadcast.id is None or key in self._adopted or self._is_taken(broadcast.id):
+                        continue
+                    for item in open_items:
+                        job, since, future = item
+                        if _matches(broadcast, job, since - self._skew):
+                            self._adopted[key] = None
+                            if len(self._adopted) > 10_000:
+                                self._adopted.popitem(last=False)
+                            future.set_result(broadcast)
+                            open_items.remove(item)
+                            break
+                if not open_items:
+                    break
+        except (GatewayError, asyncio.CancelledError) as exc:
+            for _, _, future in open_items:
+                if not future.done():
+                    future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for _, _, future in open_items:
+            if not future.done():
+                future.set_result(None)
+
+
+def _digits(urn: str) -> str:
+    return re.sub(r"[^0-9]", "", urn)
+
+
+def _matches(broadcast: Broadcast, job: MessageJob, not_before: datetime) -> bool:
+    if broadcast.created_on is not None and broadcast.created_on < not_before:
+        return False
+    if job.text not in broadcast.texts:
+        return False
+    if job.urn in broadcast.urns:
+        return True
+    # RapidPro normalises URNs with the workspace's country (tel:0712... -> tel:+254712...).
+    wanted = _digits(job.urn)
+    return len(wanted) >= 8 and any(_digits(u).endswith(wanted[-8:]) for u in broadcast.urns)
+
+
+class OutgoingSender:
+    """Sends every sendable message offered to it; one job per document."""
+
+    def __init__(
+        self,
+        *,
+        couch: CouchClient,
+        writer: BulkWriter,
+        rapidpro: RapidProClient,
+        cht: ChtConfig,
+        settings: Settings,
+        identity: Identity,
+        metrics: Metrics,
+        is_taken: Callable[[Any], bool] = lambda _ref: False,
+        max_active: int = 256,
+    ) -> None:
+        self._couch = couch
+        self._writer = writer
+        self._rapidpro = rapidpro
+        self._cht = cht
+        self._settings = settings
+        self.identity = identity
+        self._metrics = metrics
+        self._max_active = max_active
+        self._log = get_logger(component="sender")
+        self._reconciler = Reconciler(
+            rapidpro, skew=timedelta(seconds=settings.clock_skew_s), is_taken=is_taken
+        )
+        self._queue: dict[str, _Entry] = {}
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._deferred: dict[str, _Entry] = {}
+        self._rechecks: dict[str, asyncio.TimerHandle] = {}
+        self._wake = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._send_slots = asyncio.Semaphore(settings.send_concurrency)
+        self._outage = Backoff(initial=settings.retry_initial_s, maximum=settings.retry_max_s)
+        self._paused_until = 0.0
+        self._pause_target: Target | None = None
+        self._claim_ttl = timedelta(seconds=settings.claim_ttl_s)
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def offer(self, doc: JsonDict, release: Release | None = None) -> bool:
+        """Queue a document for sending if it has sendable tasks.
+
+        `release` is called once the document is handled (written back, or parked after a
+        transient failure); the changes follower uses it to advance its checkpoint.
+
+        Returns:
+            True if the document was queued (the caller must then wait for `release`).
+        """
+        doc_id = doc.get("_id")
+        if not isinstance(doc_id, str):
+            return False
+        try:
+            if not sendable_tasks(doc):
+                return False
+        except MalformedTaskError as exc:
+            self._metrics.bad_documents.inc()
+            self._log.warning("document_skipped", doc_id=doc_id, problem=str(exc))
+            return False
+        releases = [release] if release else []
+        if self._stopping:
+            return True  # never released: the checkpoint stays before this document
+        if doc_id in self._active:
+            entry = self._deferred.setdefault(doc_id, _Entry(doc, []))
+            entry.doc = doc
+            entry.releases += releases
+        elif doc_id in self._queue:
+            entry = self._queue[doc_id]
+            entry.doc = doc
+            entry.releases += releases
+        else:
+            self._queue[doc_id] = _Entry(doc, releases)
+            self._idle.clear()
+            self._wake.set()
+        self._metrics.send_queue.set(len(self._queue))
+        return True
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    async def idle(self) -> None:
+        """Wait until nothing is queued or being sent (tests and benchmarks)."""
+        await self._idle.wait()
+
+    # -- the pump -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start a job for each queued document, up to `max_active` at once."""
+        while not self._stopping:
+            gate = self._cht.gate
+            if not gate.open:
+                self._drop_queue()
+                await self._cht.wait_changed(timeout=5.0)
+                continue
+            if not self._queue or len(self._active) >= self._max_active:
+                self._wake.clear()
+                await sleep_or_wake(self._wake, 1.0)
+                continue
+            # Don't claim far beyond what the budget lets us send soon: a claim that waits
+            # too long goes stale and must be renewed.
+            remaining = self._rapidpro.budget.remaining("broadcasts")
+            if remaining is not None and remaining <= len(self._active):
+                self._wake.clear()
+                await sleep_or_wake(
+                    self._wake, max(0.05, self._rapidpro.budget.wait_time("broadcasts"))
+                )
+                continue
+            doc_id, entry = next(iter(self._queue.items()))
+            del self._queue[doc_id]
+            self._metrics.send_queue.set(len(self._queue))
+            task = asyncio.create_task(self._job(entry), name=f"send:{doc_id}")
+            self._active[doc_id] = task
+            task.add_done_callback(lambda t, d=doc_id: self._job_done(d, t))
+
+    def _drop_queue(self) -> None:
+        """Sending is off: let queued documents go (a sweep finds them when it comes back on)."""
+        if not self._queue:
+            return
+        for entry in self._queue.values():
+            _release_all(entry.releases)
+        self._queue.clear()
+        self._metrics.send_queue.set(0)
+        self._update_idle()
+
+    def _job_done(self, doc_id: str, task: asyncio.Task[None]) -> None:
+        self._active.pop(doc_id, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._log.error("send_job_crashed", doc_id=doc_id, exc_info=exc)
+        deferred = self._deferred.pop(doc_id, None)
+        if deferred is not None and not self._stopping:
+            # The document changed while we worked on it: look at the newer revision.
+            if not self.offer(deferred.doc, None):
+                _release_all(deferred.releases)
+            elif deferred.releases:
+                self._queue[doc_id].releases += deferred.releases
+        elif deferred is not None:
+            _release_all(deferred.releases)
+        self._wake.set()
+        self._update_idle()
+
+    def _update_idle(self) -> None:
+        if not self._queue and not self._active:
+            self._idle.set()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop taking work; let sends in flight finish for `grace_s`, then cancel the rest."""
+        self._stopping = True
+        self._stop_event.set()
+        self._wake.set()
+        for handle in self._rechecks.values():
+            handle.cancel()
+        self._rechecks.clear()
+        jobs = list(self._active.values())
+        if jobs:
+            _, pending = await asyncio.wait(jobs, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        for task in list(self._background):
+            task.cancel()
+        # Queued documents are not released: they were not handled, so the checkpoint
+        # stays before them and the next start reads them again.
+        self._queue.clear()
+        self._deferred.clear()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- one document ---------------------------------------------------------------------
+
+    async def _job(self, entry: _Entry) -> None:
+        doc_id = str(entry.doc["_id"])
+        releases = entry.releases
+        try:
+            job = await self._claim(entry.doc, releases)
+            if job is None:
+                return
+            await self._send_all(job)
+            await self._write_back(job)
+        except (_Stopping, asyncio.CancelledError):
+            # Not handled: keep the checkpoint before this document (if not already parked).
+            releases.clear()
+            self._log.info("send_interrupted", doc_id=doc_id)
+            if not self._stopping:
+                raise
+        except _Abandon as exc:
+            self._log.info("send_abandoned", doc_id=doc_id, reason=str(exc))
+        finally:
+            _release_all(releases)
+
+    def _plan(self, doc: JsonDict, now: datetime) -> tuple[list[SendableTask], datetime | None]:
+        """Which tasks to claim now, and when a live foreign claim expires (to look again)."""
+        take: list[SendableTask] = []
+        recheck: datetime | None = None
+        for task in sendable_tasks(doc):
+            claim = task.claim
+            if claim is None or claim.instance == self.identity.instance:
+                # Unclaimed, or claimed by this instance: by an earlier boot (crashed) or by
+                # this process outside any live job (its job ended without a write-back).
+                take.append(task)
+            elif claim.at is None or now - claim.at >= self._claim_ttl:
+                take.append(task)  # the claimant stopped renewing: it is gone
+            else:
+                expiry = claim.at + self._claim_ttl
+                recheck = expiry if recheck is None else min(recheck, expiry)
+        return take, recheck
+
+    async def _claim(self, doc: JsonDict, releases: list[Release]) -> DocJob | None:
+        """Write our claim on every sendable task of `doc`; None if nothing is ours to send."""
+        doc_id = str(doc["_id"])
+        for _ in range(MAX_WRITE_ROUNDS):
+            now = datetime.now(UTC)
+            try:
+                take, recheck = self._plan(doc, now)
+            except MalformedTaskError as exc:
+                self._metrics.bad_documents.inc()
+                self._log.warning("document_skipped", doc_id=doc_id, problem=str(exc))
+                return None
+            if recheck is not None:
+                self._schedule_recheck(doc_id, recheck)
+            if not take:
+                return None
+            claimed = copy.deepcopy(doc)
+            tasks: list[TaskJob] = []
+            details = claim_details(self.identity.instance, self.identity.boot)
+            for sendable in take:
+                task = task_at(claimed, sendable.ref)
+                assert task is not None
+                prior = sendable.claim
+                set_task_state(task, State.FORWARDED_TO_GATEWAY, dict(details))
+                since = (prior.since if prior else None) or now
+                if prior is not None and prior.since is None:
+                    since = now - timedelta(seconds=self._settings.max_tracking_s)
+                tasks.append(
+                    TaskJob(
+                        ref=sendable.ref,
+                        messages=[
+                            self._message_job(m, prior is not None) for m in sendable.messages
+                        ],
+                        since=since,
+                    )
+                )
+            try:
+                result = await self._writer.write(claimed)
+            except RetryableError as exc:
+                self._log.warning("claim_retrying", doc_id=doc_id, error=str(exc))
+                await self._sleep(self._outage.next_delay())
+                continue
+            if result.ok:
+                claimed["_rev"] = result.rev
+                for job in tasks:
+                    if any(m.uncertain for m in job.messages):
+                        self._log.info(
+                            "claim_taken_over",
+                            doc_id=doc_id,
+                            task=job.ref.key,
+                            since=job.since.isoformat(),
+                        )
+                return DocJob(claimed, tasks, time.monotonic(), releases)
+            if not result.conflict:
+                self._log.error("claim_refused", doc_id=doc_id, error=result.error)
+                return None
+            self._metrics.write_conflicts.inc()
+            latest = await self._reread(doc_id)
+            if latest is None:
+                return None
+            doc = latest
+        self._log.warning("claim_gave_up", doc_id=doc_id, rounds=MAX_WRITE_ROUNDS)
+        return None
+
+    def _message_job(self, message: OutgoingMessage, uncertain: bool) -> MessageJob:
+        # CHT normalises `to` at send time and falls back to the raw value (messaging.js).
+        to = normalize(self._cht.app_settings, message.to) or message.to
+        return MessageJob(
+            message=message,
+            urn=f"tel:{to}",
+            text=escape_text(message.text),
+            uncertain=uncertain,
+            backoff=Backoff(
+                initial=self._settings.retry_initial_s, maximum=self._settings.retry_max_s
+            ),
+        )
+
+    async def _send_all(self, job: DocJob) -> None:
+        for task in job.tasks:
+            for message in task.messages:
+                while message.result is None:
+                    await self._attempt(job, task, message)
+
+    async def _attempt(self, job: DocJob, task: TaskJob, message: MessageJob) -> None:
+        doc_id = str(job.doc["_id"])
+        target = await self._ready()
+        await self._renew_if_stale(job)
+        log = self._log.bind(doc_id=doc_id, message_uuid=message.message.uuid)
+        message.attempts += 1
+        if message.uncertain:
+            found = await self._reconcile(target, task, message, log)
+            if found is not None:
+                message.result = Accepted(found, adopted=True)
+                self._metrics.messages_adopted.inc()
+                log.info("message_adopted", gateway_ref=found.id, to=mask(message.urn))
+                return
+        started = time.monotonic()
+        try:
+            async with self._send_slots:
+                if self._stopping:
+                    raise _Stopping
+                broadcast = await self._rapidpro.send_broadcast(target, [message.urn], message.text)
+        except PermanentError as exc:
+            if isinstance(exc, AuthError | UpstreamConfigError):
+                self._pause_for_config(target, exc)
+                return
+            message.result = Rejected(str(exc))
+            self._metrics.messages_failed.inc()
+            self._metrics.send_errors.labels("rejected").inc()
+            log.error(
+                "message_rejected",
+                to=mask(message.urn),
+                attempt=message.attempts,
+                reason=redact(str(exc)),
+            )
+            return
+        except RetryableError as exc:
+            message.uncertain = message.uncertain or exc.ambiguous
+            await self._retry_later(job, message, exc, log)
+            return
+        self._outage.reset()
+        self._paused_until = 0.0
+        message.result = Accepted(broadcast, adopted=False)
+        elapsed = time.monotonic() - job.started
+        self._metrics.messages_sent.inc()
+        self._metrics.send_latency.observe(elapsed)
+        log.info(
+            "message_sent",
+            gateway_ref=broadcast.id,
+            rapidpro_status=broadcast.status,
+            to=mask(message.urn),
+            attempt=message.attempts,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+
+    async def _reconcile(
+        self, target: Target, task: TaskJob, message: MessageJob, log: Any
+    ) -> Broadcast | None:
+        while True:
+            try:
+                return await self._reconciler.find(target, message, task.since)
+            except RetryableError as exc:
+                log.warning("reconcile_retrying", error=str(exc))
+                await self._sleep(message.backoff.next_delay())
+                await self._ready()
+            except (AuthError, UpstreamConfigError) as exc:
+                self._pause_for_config(target, exc)
+                target = await self._ready()
+
+    async def _retry_later(
+        self, job: DocJob, message: MessageJob, exc: RetryableError, log: Any
+    ) -> None:
+        # The job is parked: its document no longer holds the checkpoint back (a restart
+        # finds it again through the start-up sweep).
+        _release_all(job.releases)
+        if exc.retry_after is not None:
+            kind, delay = "throttled", 0.0  # the budget now waits for Retry-After
+        else:
+            kind = "unavailable"
+            pause = self._outage.next_delay()
+            self._paused_until = max(self._paused_until, time.monotonic() + pause)
+            delay = message.backoff.next_delay()
+        self._metrics.send_errors.labels(kind).inc()
+        log.warning(
+            "rapidpro_send_retrying",
+            attempt=message.attempts,
+            delay_s=round(max(delay, self._paused_until - time.monotonic()), 2),
+            uncertain=message.uncertain,
+            error=str(exc),
+        )
+        await self._sleep(delay)
+
+    def _pause_for_config(self, target: Target, exc: GatewayError) -> None:
+        now = time.monotonic()
+        if self._paused_until <= now or self._pause_target != target:
+            self._log.error("sending_paused", reason=str(exc), retry_in_s=CONFIG_PAUSE_S)
+            self._metrics.send_errors.labels("config").inc()
+        self._paused_until = max(self._paused_until, now + CONFIG_PAUSE_S)
+        self._pause_target = target
+        # The token may have been changed in CHT since we read it.
+        self._spawn(self._cht.refresh_credentials(force=True), "refresh-credentials")
+
+    async def _ready(self) -> Target:
+        """Wait until sending is allowed; the current target."""
+        while True:
+            if self._stopping:
+                raise _Stopping
+            gate = self._cht.gate
+            if not gate.open or gate.target is None:
+                raise _Abandon(gate.reason or "sending disabled")
+            wait = self._paused_until - time.monotonic()
+            if self._pause_target is not None and gate.target != self._pause_target:
+                wait = 0.0  # configuration changed since RapidPro refused it: try now
+                self._pause_target = None
+            if wait <= 0:
+                return gate.target
+            await self._sleep(min(wait, 5.0))
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake up (and stop the job) as soon as the daemon stops."""
+        if await sleep_or_wake(self._stop_event, seconds) or self._stopping:
+            raise _Stopping
+
+    async def _renew_if_stale(self, job: DocJob) -> None:
+        """Re-write our claims before they could look abandoned to another replica."""
+        if time.monotonic() - job.claimed_at < self._claim_ttl.total_seconds() / 2:
+            return
+        details = claim_details(self.identity.instance, self.identity.boot)
+
+        def renew(doc: JsonDict) -> bool:
+            kept = []
+            for task_job in job.tasks:
+                task = task_at(doc, task_job.ref)
+                if task is None or not self.identity.owns(find_claim(task)):
+                    continue
+                if not same_messages(task, tuple(m.message for m in task_job.messages)):
+                    continue
+                set_task_state(task, State.FORWARDED_TO_GATEWAY, dict(details))
+                kept.append(task_job)
+            job.tasks[:] = kept
+            return bool(kept)
+
+        written = await self._update(job.doc, renew, what="claim_renewal")
+        if written is None:
+            raise _Abandon("claims lost to another writer")
+        job.doc = written
+        job.claimed_at = time.monotonic()
+
+    # -- write-back -----------------------------------------------------------------------
+
+    async def _write_back(self, job: DocJob) -> None:
+        doc_id = str(job.doc["_id"])
+        results = {task.ref: task for task in job.tasks}
+
+        def apply(doc: JsonDict) -> bool:
+            changed = False
+            for ref, task_job in results.items():
+                task = task_at(doc, ref)
+                if (
+                    task is None
+                    or not self.identity.owns(find_claim(task))
+                    or not same_messages(task, tuple(m.message for m in task_job.messages))
+                ):
+                    self._log.warning(
+                        "write_back_skipped",
+                        doc_id=doc_id,
+                        task=ref.key,
+                        reason="task changed since it was claimed",
+                    )
+                    continue
+                for message in task_job.messages:
+                    changed |= _apply_result(task, message.result)
+            return changed
+
+        await self._update(job.doc, apply, what="write_back")
+
+    async def _update(
+        self, doc: JsonDict, change: Callable[[JsonDict], bool], *, what: str
+    ) -> JsonDict | None:
+        """Apply `change` to `doc` and write it; on conflict re-read and re-apply.
+
+        Returns the written revision, or None if `change` found nothing to do.
+        """
+        doc_id = str(doc["_id"])
+        current = copy.deepcopy(doc)
+        backoff = Backoff(
+            initial=self._settings.retry_initial_s, maximum=self._settings.retry_max_s
+        )
+        rounds = 0
+        while True:
+            if not change(current):
+                return None
+            try:
+                result = await self._writer.write(current)
+            except RetryableError as exc:
+                # CouchDB is unreachable: keep the result in memory and keep trying. If we
+                # are stopped first, the claim stays and the next start reconciles it.
+                self._log.warning(f"{what}_retrying", doc_id=doc_id, error=str(exc))
+                await self._sleep(backoff.next_delay())
+                current = copy.deepcopy(doc)
+                continue
+            if result.ok:
+                current["_rev"] = result.rev
+                return current
+            if not result.conflict:
+                self._log.error(f"{what}_refused", doc_id=doc_id, error=result.error)
+                return None
+            self._metrics.write_conflicts.inc()
+            rounds += 1
+            latest = await self._reread(doc_id)
+            if latest is None or rounds >= MAX_WRITE_ROUNDS:
+                self._log.error(f"{what}_gave_up", doc_id=doc_id, rounds=rounds)
+                return None
+            doc = latest
+            current = copy.deepcopy(latest)
+
+    async def _reread(self, doc_id: str) -> JsonDict | None:
+        backoff = Backoff(
+            initial=self._settings.retry_initial_s, maximum=self._settings.retry_max_s
+        )
+        while True:
+            try:
+                return await self._couch.get(doc_id)
+            except RetryableError as exc:
+                self._log.warning("reread_retrying", doc_id=doc_id, error=str(exc))
+                await self._sleep(backoff.next_delay())
+
+    # -- foreign claims -------------------------------------------------------------------
+
+    def _schedule_recheck(self, doc_id: str, at: datetime) -> None:
+        """Look at a document again when another replica's claim on it would expire."""
+        if doc_id in self._rechecks or self._stopping:
+            return
+        delay = max(0.0, (at - datetime.now(UTC)).total_seconds()) + 1.0
+        loop = asyncio.get_running_loop()
+        self._rechecks[doc_id] = loop.call_later(
+            delay, lambda: self._spawn(self._recheck(doc_id), f"recheck:{doc_id}")
+        )
+
+    async def _recheck(self, doc_id: str) -> None:
+        self._rechecks.pop(doc_id, None)
+        if self._stopping:
+            return
+        try:
+            doc = await self._couch.get(doc_id)
+        except GatewayError as exc:
+            self._log.warning("recheck_retrying", doc_id=doc_id, error=str(exc))
+            self._schedule_recheck(doc_id, datetime.now(UTC) + timedelta(seconds=30))
+            return
+        if doc is not None:
+            self.offer(doc)
+
+
+def _apply_result(task: JsonDict, result: Accepted | Rejected | None) -> bool:
+    """CHT's state for a send outcome, written with `setTaskState`."""
+    if isinstance(result, Accepted):
+        broadcast = result.broadcast
+        # A broadcast's status only says whether messages were created, never delivery
+        # (spec §8.9): accepted is `received-by-gateway`, and polling moves it on. Only
+        # `failed` (recipients could not be resolved) is final.
+        if broadcast.status == "failed":
+            return set_task_state(task, State.FAILED, "Failed", broadcast.id)
+        return set_task_state(task, State.RECEIVED_BY_GATEWAY, "Queued", broadcast.id)
+    if isinstance(result, Rejected):
+        return set_task_state(task, State.FAILED, result.summary)
+    return False
+
+
+def _release_all(releases: list[Release]) -> None:
+    while releases:
+        releases.pop()()

@@ -1,0 +1,80 @@
+"""RapidPro wire objects, reduced to what the gateway reads, parsed at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from yarl import URL
+
+from ..cht.state import parse_iso
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where and as whom to call RapidPro: `sms.rapidpro.url` and `rapidpro:outgoing`."""
+
+    url: URL
+    token: str = field(repr=False)
+
+    def endpoint(self, name: str) -> URL:
+        # CHT joins paths (Node path.join), so a trailing slash or a path prefix in
+        # `sms.rapidpro.url` works; keep that.
+        base = self.url.with_query(None).with_fragment(None)
+        return base.with_path(base.path.rstrip("/") + f"/api/v2/{name}.json")
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """A broadcast as returned by POST (201) or listed by GET /broadcasts."""
+
+    id: Any  # int on RapidPro; kept as sent, CHT stores it verbatim as `gateway_ref`
+    status: str | None
+    urns: tuple[str, ...]
+    texts: tuple[str, ...]  # every translation's text
+    created_on: datetime | None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Broadcast:
+        text = body.get("text")
+        if isinstance(text, dict):
+            texts = tuple(v for v in text.values() if isinstance(v, str))
+        elif isinstance(text, str):
+            texts = (text,)
+        else:
+            texts = ()
+        urns = body.get("urns")
+        return cls(
+            id=body.get("id"),
+            status=body.get("status") if isinstance(body.get("status"), str) else None,
+            urns=tuple(u for u in urns if isinstance(u, str)) if isinstance(urns, list) else (),
+            texts=texts,
+            created_on=parse_iso(body.get("created_on")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A row of GET /messages: enough to match it to a broadcast and read its status."""
+
+    id: Any
+    broadcast: Any
+    urn: str | None
+    direction: str | None
+    status: str | None
+    created_on: datetime | None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Message:
+        urn = body.get("urn")
+        status = body.get("status")
+        direction = body.get("direction")
+        return cls(
+            id=body.get("id"),
+            broadcast=body.get("broadcast"),
+            urn=urn if isinstance(urn, str) else None,
+            direction=direction if isinstance(direction, str) else None,
+            status=status if isinstance(status, str) else None,
+            created_on=parse_iso(body.get("created_on")),
+        )
