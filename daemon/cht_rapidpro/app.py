@@ -26,7 +26,7 @@ from .rapidpro.throttle import BROADCASTS, MESSAGES, Budget
 SETTINGS = web.AppKey("settings", Settings)
 GATEWAY = web.AppKey("gateway", Gateway)
 METRICS = web.AppKey("metrics", Metrics)
-ON_FATAL = web.AppKey("on_fatal", Callable[[int], None])
+ON_FATAL = web.AppKey[Callable[[int], None]]("on_fatal")
 IDENTITY = web.AppKey("identity", Identity)
 
 log = get_logger(component="app")

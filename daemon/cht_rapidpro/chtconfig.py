@@ -22,6 +22,7 @@ from .couch.client import CouchClient, NotFoundError
 from .errors import AuthError, GatewayError
 from .logs import get_logger
 from .rapidpro.models import Target
+from .retry import sleep_or_wake
 
 SECRET_LOCATIONS = (("couch_httpd_auth", "secret"), ("chttpd_auth", "secret"))
 
@@ -186,10 +187,7 @@ class ChtConfig:
         """Background refresh of the credentials (they live outside the medic db)."""
         while not stop.is_set():
             await self.refresh_credentials()
-            try:
-                await asyncio.wait_for(stop.wait(), self._refresh_s)
-            except TimeoutError:
-                pass
+            await sleep_or_wake(stop, self._refresh_s)
 
     @property
     def incoming_key(self) -> str | None:
@@ -254,10 +252,6 @@ class ChtConfig:
     def gate(self) -> Gate:
         return self._gate
 
-    async def wait_changed(self, timeout: float | None = None) -> None:
-        """Wait until the gate changes (or `timeout` passes)."""
-        event = self._changed
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
+    async def wait_changed(self, within: float) -> None:
+        """Wait until the gate changes, or `within` seconds pass."""
+        await sleep_or_wake(self._changed, within)

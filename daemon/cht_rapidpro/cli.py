@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, logs
-from .config import OPTIONS, ConfigError, Settings
+from .config import OPTIONS, Settings
+from .errors import ConfigError
 
 EX_OK, EX_USAGE, EX_CONFIG = 0, 64, 78
 

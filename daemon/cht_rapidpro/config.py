@@ -71,44 +71,50 @@ def _redact(value: str) -> str:
         return "<unparseable>"
 
 
-def _number(text: str, kind: type[int] | type[float]) -> Any:
+def _float(text: str) -> float:
     try:
-        return kind(text.strip())
+        return float(text.strip())
     except ValueError:
-        noun = "a whole number" if kind is int else "a number"
-        raise ValueError(f"{text!r} is not {noun}") from None
+        raise ValueError(f"{text!r} is not a number") from None
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
 
 
 def _positive_float(text: str) -> float:
-    number = _number(text, float)
+    number = _float(text)
     if not number > 0 or number != number or number == float("inf"):
         raise ValueError(f"{text!r} must be a number greater than 0")
     return number
 
 
 def _non_negative_float(text: str) -> float:
-    number = _number(text, float)
+    number = _float(text)
     if number < 0:
         raise ValueError(f"{text!r} must be 0 or more")
     return number
 
 
 def _positive_int(text: str) -> int:
-    number = _number(text, int)
+    number = _int(text)
     if number <= 0:
         raise ValueError(f"{text!r} must be a whole number greater than 0")
     return number
 
 
 def _non_negative_int(text: str) -> int:
-    number = _number(text, int)
+    number = _int(text)
     if number < 0:
         raise ValueError(f"{text!r} must be a whole number, 0 or more")
     return number
 
 
 def _port(text: str) -> int:
-    number = _number(text, int)
+    number = _int(text)
     if not 0 <= number <= 65535:
         raise ValueError(f"{text!r} is not a TCP port")
     return number

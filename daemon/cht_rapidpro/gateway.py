@@ -285,7 +285,7 @@ class Gateway:
                     self.sweeps += 1
             initial = False
             was_open = is_open
-            waiter = asyncio.ensure_future(self.cht.wait_changed())
+            waiter = asyncio.ensure_future(self.cht.wait_changed(within=60.0))
             stopper = asyncio.ensure_future(self.stop_event.wait())
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()

@@ -34,7 +34,10 @@ class _PriorityPrefix:
 
     def __call__(self, logger: Any, method: str, event: EventDict) -> str:
         priority = event.pop("_priority", 6)
-        return f"<{priority}>{self._renderer(logger, method, event)}"
+        line = self._renderer(logger, method, event)
+        if isinstance(line, bytes):
+            line = line.decode()
+        return f"<{priority}>{line}"
 
 
 def _renderer(fmt: str, stream: TextIO) -> Processor:

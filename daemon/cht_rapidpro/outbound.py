@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import re
 import time
 import uuid
@@ -332,7 +333,7 @@ class OutgoingSender:
             gate = self._cht.gate
             if not gate.open:
                 self._drop_queue()
-                await self._cht.wait_changed(timeout=5.0)
+                await self._cht.wait_changed(within=5.0)
                 continue
             if not self._queue or len(self._active) >= self._max_active:
                 self._wake.clear()
@@ -352,7 +353,7 @@ class OutgoingSender:
             self._metrics.send_queue.set(len(self._queue))
             task = asyncio.create_task(self._job(entry), name=f"send:{doc_id}")
             self._active[doc_id] = task
-            task.add_done_callback(lambda t, d=doc_id: self._job_done(d, t))
+            task.add_done_callback(functools.partial(self._job_done, doc_id))
 
     def _drop_queue(self) -> None:
         """Sending is off: let queued documents go (a sweep finds them when it comes back on)."""

@@ -35,12 +35,12 @@ class Backoff:
         self.attempt = 0
 
 
-async def sleep_or_wake(event: asyncio.Event, timeout: float) -> bool:
-    """Wait until `event` is set or `timeout` seconds pass; True if the event was set."""
+async def sleep_or_wake(event: asyncio.Event, seconds: float) -> bool:
+    """Wait until `event` is set or `seconds` pass; True if the event was set."""
     if event.is_set():
         return True
-    if timeout <= 0:
+    if seconds <= 0:
         return False
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
+        await asyncio.wait_for(event.wait(), seconds)
     return event.is_set()

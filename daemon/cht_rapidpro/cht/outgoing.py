@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from .state import (
     IN_FLIGHT_STATES,
@@ -90,7 +90,7 @@ def claim_details(instance: str, boot: str) -> dict[str, str]:
     return {"claimed_by": CLAIM_MARK, "instance": instance, "boot": boot}
 
 
-def _is_claim_details(details: Any) -> bool:
+def _is_claim_details(details: Any) -> TypeGuard[dict[str, Any]]:
     return isinstance(details, dict) and details.get("claimed_by") == CLAIM_MARK
 
 

@@ -95,7 +95,7 @@ def set_task_state(
     overwrites state, details and gateway_ref (None clears them, as in CHT) and appends a
     history entry.
     """
-    history = task.get("state_history")
+    history: Any = task.get("state_history")
     if not js_truthy(history):
         history = []
         task["state_history"] = history

@@ -145,7 +145,7 @@ class CouchClient:
         *,
         params: Mapping[str, str] | None = None,
         body: Any = None,
-        timeout: aiohttp.ClientTimeout | None = None,
+        client_timeout: aiohttp.ClientTimeout | None = None,
     ) -> Any:
         with mapped_errors(what):
             async with self._session.request(
@@ -154,7 +154,7 @@ class CouchClient:
                 params=params,
                 data=None if body is None else json.dumps(body),
                 headers={"Content-Type": "application/json"} if body is not None else None,
-                timeout=timeout or self._timeout,
+                timeout=client_timeout or self._timeout,
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
@@ -271,7 +271,7 @@ class CouchClient:
             self._url(self.target.db, "_changes"),
             "changes feed",
             params=params,
-            timeout=timeout,
+            client_timeout=timeout,
         )
         return ChangesPage(results=body.get("results") or [], last_seq=body.get("last_seq"))
 
@@ -388,7 +388,8 @@ class BulkWriter:
                 # Two writes of one doc can't share a request: the second would conflict
                 # with the first. Keep the first and push the rest to the next round.
                 seen: set[str] = set()
-                now, later = [], []
+                now: list[Any] = []
+                later: list[Any] = []
                 for item in batch:
                     (later if item[0]["_id"] in seen else now).append(item)
                     seen.add(item[0]["_id"])

@@ -60,7 +60,8 @@ class Budget:
 
     async def acquire(self, scope: str) -> None:
         """Wait until one more request is allowed, then take it."""
-        while not self.try_acquire(scope):
+        while not self.try_acquire(scope):  # noqa: ASYNC110
+            # The budget frees up as time passes, not on an event.
             await asyncio.sleep(max(0.01, self.wait_time(scope)))
 
     def block(self, scope: str, seconds: float) -> None:
