@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -100,8 +99,3 @@ def configure(
 def get_logger(**initial: Any) -> structlog.stdlib.BoundLogger:
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(**initial)
     return logger
-
-
-def drop(event: MutableMapping[str, Any], *keys: str) -> None:
-    for key in keys:
-        event.pop(key, None)

@@ -8,6 +8,7 @@ Every HTTP outcome becomes an `errors` class here; no business rules live in thi
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -43,6 +44,22 @@ async def couch_compat(
     request.headers["Accept"] = "application/json"
     request.headers["Accept-Encoding"] = "identity"
     return await handler(request)
+
+
+def basic_auth(user: str, password: str) -> aiohttp.ClientMiddlewareType:
+    """A middleware that authenticates every request (CouchDB 3 has no admin party).
+
+    Done here rather than by aiocouch, whose `aiohttp.BasicAuth` is deprecated in aiohttp 3.14.
+    """
+    value = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+    async def middleware(
+        request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        request.headers["Authorization"] = value
+        return await handler(request)
+
+    return middleware
 
 
 @contextlib.contextmanager
@@ -119,11 +136,12 @@ class CouchClient:
     @classmethod
     def connect(cls, target: CouchTarget, *, timeout_s: float) -> CouchClient:
         """A client with its own aiocouch session; close it with `close()`."""
+        middlewares = [couch_compat]
+        if target.user:
+            middlewares.append(basic_auth(target.user, target.password or ""))
         couch = aiocouch.CouchDB(
             str(target.server).rstrip("/"),
-            user=target.user,
-            password=target.password,
-            middlewares=(couch_compat,),
+            middlewares=tuple(middlewares),
             timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s)),
             connector=aiohttp.TCPConnector(limit=64),
         )

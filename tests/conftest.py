@@ -1,0 +1,274 @@
+"""Shared fixtures: the CouchDB-compatible test server, a fresh db per test, the daemon.
+
+The server is pouchdb-server (pinned in package.json), one per test session, started in its own
+working directory with an admin configured (no admin party). Set
+`CHT_RAPIDPRO_TEST_COUCH_URL=http://admin:pass@host:5984` to run against another server, such
+as a real Apache CouchDB 3 (then `couchdb_only` tests run too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from cht_rapidpro import logs
+from cht_rapidpro.app import GATEWAY, build_app
+from cht_rapidpro.config import Settings
+from cht_rapidpro.gateway import Gateway
+from support import (
+    ADMIN_PASSWORD,
+    ADMIN_USER,
+    COUCH_SECRET,
+    HEADERS,
+    CouchAdmin,
+    CouchServer,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+POUCHDB_BIN = ROOT / "node_modules" / ".bin" / "pouchdb-server"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class PouchServer:
+    """One pouchdb-server process (see ../shared/spec/couchdb-test-server.md §5.2)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.log_path = workdir / "pouchdb.out"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.uuid = ""
+
+    def start(self) -> None:
+        node = shutil.which("node")
+        if node is None or not POUCHDB_BIN.exists():
+            raise RuntimeError("pouchdb-server is not installed: run scripts/bootstrap")
+        for _ in range(5):
+            self.uuid = uuid.uuid4().hex
+            config = {
+                "couchdb": {"uuid": self.uuid},
+                "log": {"file": str(self.workdir / "pouchdb.log")},
+                "admins": {ADMIN_USER: ADMIN_PASSWORD},
+                "couch_httpd_auth": {"secret": COUCH_SECRET},
+            }
+            (self.workdir / "config.json").write_text(json.dumps(config))
+            self.port = _free_port()
+            with self.log_path.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    [node, str(POUCHDB_BIN), "--port", str(self.port), "--in-memory", "--no-color"],
+                    cwd=self.workdir,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            if self._wait_ready():
+                return
+            self.stop()
+        raise RuntimeError(f"pouchdb-server did not start:\n{self.tail()}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                return False  # e.g. "port already in use" exits 0
+            with contextlib.suppress(OSError, ValueError):
+                request = urllib.request.Request(self.url + "/", headers=HEADERS)
+                with urllib.request.urlopen(request, timeout=1) as resp:
+                    if json.loads(resp.read()).get("uuid") == self.uuid:
+                        return True
+            time.sleep(0.05)
+        return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def pouch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PouchServer | None]:
+    if os.environ.get("CHT_RAPIDPRO_TEST_COUCH_URL"):
+        yield None
+        return
+    server = PouchServer(tmp_path_factory.mktemp("pouchdb"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def couch_server(pouch: PouchServer | None) -> CouchServer:
+    external = os.environ.get("CHT_RAPIDPRO_TEST_COUCH_URL")
+    if external:
+        parts = urllib.parse.urlsplit(external)
+        base = urllib.parse.urlunsplit(
+            (parts.scheme, f"{parts.hostname}:{parts.port or 5984}", "", "", "")
+        )
+        return CouchServer(base, parts.username or ADMIN_USER, parts.password or "")
+    assert pouch is not None
+    return CouchServer(pouch.url)
+
+
+@pytest.fixture(autouse=True)
+def _server_health(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail loudly (and restart) when a test crashed the test server."""
+    yield
+    if "pouch" not in request.fixturenames:
+        return
+    pouch: PouchServer | None = request.getfixturevalue("pouch")
+    if pouch is not None and not pouch.alive():
+        log = pouch.tail()
+        pouch.start()
+        pytest.fail(f"the test server died during this test; its log:\n{log}")
+
+
+@pytest.fixture
+def is_pouchdb(pouch: PouchServer | None) -> bool:
+    return pouch is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("CHT_RAPIDPRO_TEST_COUCH_URL"):
+        return
+    skip = pytest.mark.skip(reason="needs real Apache CouchDB 3 (CHT_RAPIDPRO_TEST_COUCH_URL)")
+    for item in items:
+        if "couchdb_only" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+async def couch(couch_server: CouchServer, pouch: PouchServer | None) -> AsyncIterator[CouchAdmin]:
+    """A fresh, empty medic-like database for this test (and its `-vault` twin)."""
+    admin = CouchAdmin(couch_server, f"medic_{uuid.uuid4().hex[:12]}")
+    await admin.create_db()
+    if pouch is None:  # an external server: make sure the vault secret is the tests' one
+        await admin.set_config("couch_httpd_auth", "secret", COUCH_SECRET)
+    try:
+        yield admin
+    finally:
+        await admin.delete_db()
+        await admin.delete_db(f"{admin.db}-vault")
+        await admin.close()
+
+
+@pytest.fixture
+async def config_credential(couch: CouchAdmin) -> AsyncIterator[Any]:
+    """Set CHT 3.x `medic-credentials` values for one test; removed afterwards."""
+    keys: list[str] = []
+
+    async def put(key: str, value: str) -> None:
+        keys.append(key)
+        await couch.set_config("medic-credentials", key, value)
+
+    yield put
+    for key in keys:
+        await couch.delete_config("medic-credentials", key)
+
+
+# -- the daemon, in process ---------------------------------------------------------------
+
+#: Test timings: quick polls and checkpoints, short back-offs.
+FAST_ENV = {
+    "CHT_RAPIDPRO_HOST": "127.0.0.1",
+    "CHT_RAPIDPRO_PORT": "0",
+    "CHT_RAPIDPRO_POLL_INTERVAL": "0.2",
+    "CHT_RAPIDPRO_CHECKPOINT_INTERVAL": "0.1",
+    "CHT_RAPIDPRO_CREDENTIALS_REFRESH": "0.2",
+    "CHT_RAPIDPRO_FEED_HEARTBEAT": "1",
+    "CHT_RAPIDPRO_RETRY_MAX": "0.5",
+    "CHT_RAPIDPRO_SEND_TIMEOUT": "3",
+    "CHT_RAPIDPRO_LOG_FORMAT": "logfmt",
+    "CHT_RAPIDPRO_LOG_LEVEL": "debug",
+}
+
+
+class RunningDaemon:
+    """One in-process daemon (the real aiohttp app with all its workers)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.fatal: list[int] = []
+        self.app = build_app(settings, on_fatal=self.fatal.append)
+        self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
+        self.url = ""
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY]
+
+    async def start(self) -> None:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.settings.listen_host, self.settings.listen_port)
+        await site.start()
+        port = self.runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+@pytest.fixture
+async def daemon_factory(couch: CouchAdmin) -> AsyncIterator[Any]:
+    """`await daemon_factory(**env_overrides)` starts a daemon on the test db; all are stopped."""
+    started: list[RunningDaemon] = []
+
+    async def start(**overrides: str) -> RunningDaemon:
+        env = {**FAST_ENV, "COUCH_URL": couch.couch_url, **overrides}
+        env.setdefault("CHT_RAPIDPRO_INSTANCE", f"test-{len(started)}")
+        settings = dataclasses.replace(Settings.from_env(env), retry_initial_s=0.05)
+        daemon = RunningDaemon(settings)
+        await daemon.start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in reversed(started):
+        await daemon.stop()
+    for daemon in started:
+        assert daemon.fatal == [], f"daemon {daemon.settings.instance} exited fatally"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _test_logging() -> None:
+    logs.configure("debug", "logfmt")

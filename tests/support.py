@@ -1,0 +1,245 @@
+"""Test-side helpers: a plain CouchDB admin client, CHT document builders, a waiting helper.
+
+These talk to the real test server; they are deliberately independent of the daemon's own
+CouchDB client so that a bug there cannot hide itself in the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import urllib.parse
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+
+from cht_rapidpro.cht import credentials
+
+T = TypeVar("T")
+
+ADMIN_USER = "admin"
+ADMIN_PASSWORD = "secret"
+COUCH_SECRET = "test-couch-secret-0123456789"
+OUTGOING_KEY = "0123456789abcdef0123456789abcdef01234567"
+INCOMING_KEY = "incoming-key-for-tests"
+HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
+
+
+@dataclass(frozen=True)
+class CouchServer:
+    """A running CouchDB-compatible server (URL without credentials)."""
+
+    url: str
+    user: str = ADMIN_USER
+    password: str = ADMIN_PASSWORD
+
+    def db_url(self, db: str) -> str:
+        """`COUCH_URL` as CHT writes it: credentials and the db name in the URL."""
+        parts = urllib.parse.urlsplit(self.url)
+        netloc = f"{self.user}:{self.password}@{parts.netloc}"
+        return urllib.parse.urlunsplit((parts.scheme, netloc, f"/{db}", "", ""))
+
+
+class CouchAdmin:
+    """A minimal async admin client bound to one database."""
+
+    def __init__(self, server: CouchServer, db: str) -> None:
+        self.server = server
+        self.db = db
+        token = base64.b64encode(f"{server.user}:{server.password}".encode()).decode()
+        self.session = aiohttp.ClientSession(headers={**HEADERS, "Authorization": f"Basic {token}"})
+        self._node: str | None = None
+
+    @property
+    def couch_url(self) -> str:
+        return self.server.db_url(self.db)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def request(
+        self, method: str, path: str, body: Any = None, *, expect: Iterable[int] = (200, 201)
+    ) -> Any:
+        url = self.server.url + path
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        async with self.session.request(method, url, data=data, headers=headers) as resp:
+            text = await resp.text()
+            if resp.status not in tuple(expect):
+                raise AssertionError(f"{method} {path}: {resp.status} {text}")
+            return json.loads(text) if text else None
+
+    # -- databases and documents ----------------------------------------------------------
+
+    async def create_db(self, name: str | None = None) -> None:
+        await self.request("PUT", "/" + (name or self.db))
+
+    async def delete_db(self, name: str | None = None) -> None:
+        await self.request("DELETE", "/" + (name or self.db), expect=(200, 404))
+
+    def _doc_path(self, doc_id: str, db: str | None = None) -> str:
+        return f"/{db or self.db}/{urllib.parse.quote(doc_id, safe='')}"
+
+    async def get(self, doc_id: str, db: str | None = None) -> dict[str, Any] | None:
+        async with self.session.get(self.server.url + self._doc_path(doc_id, db)) as resp:
+            if resp.status == 404:
+                return None
+            assert resp.status == 200, await resp.text()
+            doc: dict[str, Any] = json.loads(await resp.text())
+            return doc
+
+    async def put(self, doc: dict[str, Any], db: str | None = None) -> dict[str, Any]:
+        """Create or update `doc` (its `_rev` is updated in place); returns it."""
+        doc.setdefault("_id", uuid.uuid4().hex)
+        result = await self.request("PUT", self._doc_path(doc["_id"], db), doc)
+        doc["_rev"] = result["rev"]
+        return doc
+
+    async def update(self, doc_id: str, change: Callable[[dict[str, Any]], None]) -> None:
+        """Read-modify-write one doc, retrying on conflicts."""
+        while True:
+            doc = await self.get(doc_id)
+            assert doc is not None, doc_id
+            change(doc)
+            url = self.server.url + self._doc_path(doc_id)
+            async with self.session.put(
+                url, data=json.dumps(doc), headers={"Content-Type": "application/json"}
+            ) as resp:
+                if resp.status == 409:
+                    continue
+                assert resp.status in (200, 201), await resp.text()
+                return
+
+    async def bulk(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await self.request(
+            "POST", f"/{self.db}/_bulk_docs", {"docs": docs}
+        )
+        return rows
+
+    async def all_docs(self) -> list[dict[str, Any]]:
+        body = await self.request("GET", f"/{self.db}/_all_docs?include_docs=true")
+        return [row["doc"] for row in body["rows"] if not row["id"].startswith("_design/")]
+
+    # -- server config (global: tests that change it restore it) -------------------------
+
+    async def node(self) -> str:
+        if self._node is None:
+            membership = await self.request("GET", "/_membership")
+            self._node = str(membership["all_nodes"][0])
+        return self._node
+
+    async def set_config(self, section: str, key: str, value: str) -> None:
+        node = await self.node()
+        await self.request("PUT", f"/_node/{node}/_config/{section}/{key}", value)
+
+    async def delete_config(self, section: str, key: str) -> None:
+        node = await self.node()
+        await self.request("DELETE", f"/_node/{node}/_config/{section}/{key}", expect=(200, 404))
+
+    # -- CHT set-up -------------------------------------------------------------------------
+
+    async def put_settings(self, **settings: Any) -> dict[str, Any]:
+        """(Re)write the CHT `settings` doc with the given app settings."""
+        existing = await self.get("settings")
+        doc: dict[str, Any] = {"_id": "settings", "settings": settings}
+        if existing:
+            doc["_rev"] = existing["_rev"]
+        return await self.put(doc)
+
+    async def put_vault_credential(self, key: str, value: str, secret: str = COUCH_SECRET) -> None:
+        """Store a credential the CHT 4.x way (`PUT /api/v1/credentials/<key>`)."""
+        vault = f"{self.db}-vault"
+        await self.request("PUT", f"/{vault}", expect=(201, 412))
+        doc_id = f"credential:{key}"
+        existing = await self.get(doc_id, db=vault)
+        doc: dict[str, Any] = {"_id": doc_id, "password": credentials.encrypt(secret, value)}
+        if existing:
+            doc["_rev"] = existing["_rev"]
+        await self.put(doc, db=vault)
+
+
+def rapidpro_settings(url: str, **extra: Any) -> dict[str, Any]:
+    """App settings with RapidPro as the outgoing service."""
+    settings: dict[str, Any] = {
+        "sms": {"outgoing_service": "rapidpro", "rapidpro": {"url": url}},
+        "default_country_code": 254,
+        "phone_validation": "none",
+    }
+    settings.update(extra)
+    return settings
+
+
+def iso(ms: float | None = None) -> str:
+    """JS `new Date(ms).toISOString()`."""
+    moment = time.time() if ms is None else ms / 1000
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment))
+        + f".{int(moment * 1000) % 1000:03d}Z"
+    )
+
+
+def task(
+    to: str, text: str, *, state: str = "pending", msg_uuid: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """One CHT task with one message, as transitions or the web app write it."""
+    item: dict[str, Any] = {
+        "messages": [{"uuid": msg_uuid or str(uuid.uuid4()), "to": to, "message": text}],
+        "state": state,
+        "state_history": [{"state": state, "timestamp": iso()}],
+    }
+    item.update(extra)
+    return item
+
+
+def message_doc(
+    tasks: list[dict[str, Any]] | None = None,
+    scheduled: list[dict[str, Any]] | None = None,
+    *,
+    doc_id: str | None = None,
+) -> dict[str, Any]:
+    """A `data_record` carrying outgoing messages (web-app "send message" shape)."""
+    doc: dict[str, Any] = {
+        "_id": doc_id or str(uuid.uuid4()),
+        "type": "data_record",
+        "form": None,
+        "kujua_message": True,
+        "from": "+254700000000",
+        "sent_by": "admin",
+        "reported_date": int(time.time() * 1000),
+        "errors": [],
+        "tasks": tasks or [],
+    }
+    if scheduled is not None:
+        doc["scheduled_tasks"] = scheduled
+    return doc
+
+
+def all_tasks(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(doc.get("tasks") or []) + list(doc.get("scheduled_tasks") or [])
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    until: Callable[[T], bool] = bool,
+    *,
+    within: float = 20.0,
+    every: float = 0.05,
+    what: str = "condition",
+) -> T:
+    """Poll `probe` until `until(value)`; fail with the last value after `within` seconds.
+
+    This waits for an outcome; it never asserts how fast it came.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if until(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last value: {value!r}")
+        await asyncio.sleep(every)
