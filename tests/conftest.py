@@ -8,20 +8,13 @@ as a real Apache CouchDB 3 (then `couchdb_only` tests run too).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
-import shutil
-import socket
-import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,99 +24,14 @@ from cht_rapidpro import logs
 from cht_rapidpro.app import GATEWAY, build_app
 from cht_rapidpro.config import Settings
 from cht_rapidpro.gateway import Gateway
+from pouchdb import PouchServer
 from support import (
-    ADMIN_PASSWORD,
     ADMIN_USER,
     COUCH_SECRET,
-    HEADERS,
     CouchAdmin,
     CouchServer,
+    rapidpro_settings,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-POUCHDB_BIN = ROOT / "node_modules" / ".bin" / "pouchdb-server"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class PouchServer:
-    """One pouchdb-server process (see ../shared/spec/couchdb-test-server.md §5.2)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.log_path = workdir / "pouchdb.out"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.uuid = ""
-
-    def start(self) -> None:
-        node = shutil.which("node")
-        if node is None or not POUCHDB_BIN.exists():
-            raise RuntimeError("pouchdb-server is not installed: run scripts/bootstrap")
-        for _ in range(5):
-            self.uuid = uuid.uuid4().hex
-            config = {
-                "couchdb": {"uuid": self.uuid},
-                "log": {"file": str(self.workdir / "pouchdb.log")},
-                "admins": {ADMIN_USER: ADMIN_PASSWORD},
-                "couch_httpd_auth": {"secret": COUCH_SECRET},
-            }
-            (self.workdir / "config.json").write_text(json.dumps(config))
-            self.port = _free_port()
-            with self.log_path.open("ab") as log:
-                self.proc = subprocess.Popen(
-                    [node, str(POUCHDB_BIN), "--port", str(self.port), "--in-memory", "--no-color"],
-                    cwd=self.workdir,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            if self._wait_ready():
-                return
-            self.stop()
-        raise RuntimeError(f"pouchdb-server did not start:\n{self.tail()}")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _wait_ready(self) -> bool:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                return False  # e.g. "port already in use" exits 0
-            with contextlib.suppress(OSError, ValueError):
-                request = urllib.request.Request(self.url + "/", headers=HEADERS)
-                with urllib.request.urlopen(request, timeout=1) as resp:
-                    if json.loads(resp.read()).get("uuid") == self.uuid:
-                        return True
-            time.sleep(0.05)
-        return False
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
 
 
 @pytest.fixture(scope="session")
@@ -272,3 +180,25 @@ async def daemon_factory(couch: CouchAdmin) -> AsyncIterator[Any]:
 @pytest.fixture(autouse=True, scope="session")
 def _test_logging() -> None:
     logs.configure("debug", "logfmt")
+
+
+# -- RapidPro: the project's sandbox, in process --------------------------------------------
+
+
+@pytest.fixture
+async def rapidpro() -> AsyncIterator[Any]:
+    """A running RapidPro sandbox (`.url`, `.sandbox`), quick status steps."""
+    from cht_rapidpro.sandbox import SandboxConfig, start_sandbox
+
+    async with start_sandbox(SandboxConfig(step_seconds=0.05)) as running:
+        yield running
+
+
+@pytest.fixture
+async def cht(couch: CouchAdmin, rapidpro: Any) -> CouchAdmin:
+    """The test db set up as a CHT 4.x instance sending through the sandbox."""
+    from cht_rapidpro.sandbox import DEFAULT_TOKEN
+
+    await couch.put_settings(**rapidpro_settings(rapidpro.url))
+    await couch.put_vault_credential("rapidpro:outgoing", DEFAULT_TOKEN)
+    return couch

@@ -19,15 +19,12 @@ from typing import Any, TypeVar
 import aiohttp
 
 from cht_rapidpro.cht import credentials
+from pouchdb import ADMIN_PASSWORD, ADMIN_USER, COUCH_SECRET, HEADERS
 
 T = TypeVar("T")
 
-ADMIN_USER = "admin"
-ADMIN_PASSWORD = "secret"
-COUCH_SECRET = "test-couch-secret-0123456789"
 OUTGOING_KEY = "0123456789abcdef0123456789abcdef01234567"
 INCOMING_KEY = "incoming-key-for-tests"
-HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ LogFormat = Literal["auto", "console", "logfmt", "json"]
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PREFIX = "CHT_RAPIDPRO_"
 #: Values copied from `cht-rapidpro.env.example` that were never filled in.
-PLACEHOLDERS = ("CHANGE_ME", "changeme", "<", ">")
+#: What the example env file puts where a real value must go (any case).
+PLACEHOLDER = "change_me"
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,15 +341,15 @@ class Settings:
                 except OSError as exc:
                     problems.append(f"{source}: {file_env}: {exc.strerror or exc}")
                     continue
-            if raw is None and key in file_values:
+            from_file = file_values.pop(key, None)
+            if raw is None and from_file is not None:
                 source = f"{key} (config file)"
-                raw = file_values.pop(key)
-                raw = str(raw).lower() if isinstance(raw, bool) else str(raw)
+                raw = str(from_file).lower() if isinstance(from_file, bool) else str(from_file)
             if raw is None:
                 if option.name in _REQUIRED:
                     problems.append(f"{option.env}: required ({option.help})")
                 continue
-            if any(marker in raw for marker in PLACEHOLDERS):
+            if PLACEHOLDER in raw.lower():
                 problems.append(f"{source}: still holds the placeholder from the example file")
                 continue
             try:

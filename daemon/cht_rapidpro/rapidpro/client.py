@@ -180,7 +180,10 @@ class RapidProClient:
         error = classify(status, parsed, resp_headers, is_post=is_post, what=what)
         if status == 429:
             assert isinstance(error, RetryableError)
-            self.budget.block(scope, error.retry_after or DEFAULT_RETRY_AFTER_S)
+            self.budget.block(
+                scope,
+                DEFAULT_RETRY_AFTER_S if error.retry_after is None else error.retry_after,
+            )
         raise error
 
     async def send_broadcast(self, target: Target, urns: Sequence[str], text: str) -> Broadcast:

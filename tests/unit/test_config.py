@@ -1,0 +1,376 @@
+"""config: Settings from an env mapping (and a TOML file), every problem reported at once."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from yarl import URL
+
+from cht_rapidpro.config import OPTIONS, PREFIX, CouchTarget, Settings, parse_couch_url
+from cht_rapidpro.errors import ConfigError
+
+COUCH = "http://admin:s3cret@127.0.0.1:5984/medic"
+BASE = {"COUCH_URL": COUCH}
+
+
+def problems(env: dict[str, str], file_values: dict[str, Any] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(env, file_values)
+    return raised.value.problems
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_minimal_env_gives_documented_defaults() -> None:
+    settings = Settings.from_env(BASE)
+    assert settings.couch == CouchTarget(
+        server=URL("http://127.0.0.1:5984/"), db="medic", user="admin", password="s3cret"
+    )
+    assert settings.listen_host == "127.0.0.1"
+    assert settings.listen_port == 5989
+    assert settings.service == "rapidpro"
+    assert settings.instance == f"{socket.gethostname()}:5989"
+    assert settings.poll_interval_s == 60.0
+    assert settings.log_level == "info"
+    assert settings.log_format == "auto"
+    assert settings.send_concurrency == 16
+    assert settings.send_timeout_s == 20.0
+    assert settings.claim_ttl_s == 120.0
+    # Below RapidPro's per-workspace rates (rapidpro-api §1.6: 2500-3600/h messages).
+    assert 0 < settings.messages_per_hour <= 2500
+    assert 0 < settings.broadcasts_per_hour <= 3600
+    # Keep a claim alive well beyond one send attempt (OPTIONS help text).
+    assert settings.claim_ttl_s >= 2 * settings.send_timeout_s
+
+
+def test_unrelated_environment_is_ignored() -> None:
+    env = {**BASE, "PATH": "/usr/bin", "HOME": "/root", "CHT_RAPIDPRO_UNKNOWN": "x"}
+    assert Settings.from_env(env) == Settings.from_env(BASE)
+
+
+@pytest.mark.parametrize(
+    ("var", "raw", "attribute", "expected"),
+    [
+        ("HOST", "0.0.0.0", "listen_host", "0.0.0.0"),  # noqa: S104
+        ("PORT", "6000", "listen_port", 6000),
+        ("PORT", " 6000 ", "listen_port", 6000),
+        ("PORT", "0", "listen_port", 0),
+        ("SERVICE", "cht-rapidpro", "service", "cht-rapidpro"),
+        ("INSTANCE", "replica-a", "instance", "replica-a"),
+        ("POLL_INTERVAL", "2.5", "poll_interval_s", 2.5),
+        ("LOG_LEVEL", "DEBUG", "log_level", "debug"),
+        ("LOG_FORMAT", "json", "log_format", "json"),
+        ("SEND_CONCURRENCY", "4", "send_concurrency", 4),
+        ("SEND_TIMEOUT", "30", "send_timeout_s", 30.0),
+        ("CLAIM_TTL", "300", "claim_ttl_s", 300.0),
+        ("BROADCASTS_PER_HOUR", "0", "broadcasts_per_hour", 0),
+        ("MESSAGES_PER_HOUR", "1250", "messages_per_hour", 1250),
+        ("SENT_GRACE", "3600", "sent_grace_s", 3600.0),
+        ("MAX_TRACKING", "86400", "max_tracking_s", 86400.0),
+        ("CLOCK_SKEW", "0", "clock_skew_s", 0.0),
+        ("CREDENTIALS_REFRESH", "15", "credentials_refresh_s", 15.0),
+        ("CHECKPOINT_INTERVAL", "0.5", "checkpoint_interval_s", 0.5),
+        ("FEED_BATCH", "100", "feed_batch", 100),
+        ("FEED_HEARTBEAT", "5", "feed_heartbeat_s", 5.0),
+        ("COUCH_TIMEOUT", "10", "couch_timeout_s", 10.0),
+        ("RETRY_MAX", "60", "retry_max_s", 60.0),
+        ("SHUTDOWN_GRACE", "3", "shutdown_grace_s", 3.0),
+        ("WEBHOOK_MAX_BYTES", "1024", "webhook_max_bytes", 1024),
+    ],
+    ids=lambda value: str(value) if isinstance(value, str) and value.isupper() else None,
+)
+def test_each_option_is_parsed(var: str, raw: str, attribute: str, expected: Any) -> None:
+    settings = Settings.from_env({**BASE, PREFIX + var: raw})
+    assert getattr(settings, attribute) == expected
+
+
+def test_default_instance_follows_the_port() -> None:
+    settings = Settings.from_env({**BASE, "CHT_RAPIDPRO_PORT": "6001"})
+    assert settings.instance == f"{socket.gethostname()}:6001"
+
+
+def test_every_option_reads_the_documented_variable() -> None:
+    """Each setting has one env variable with the prefix (COUCH_URL keeps CHT's own name)."""
+    names = [option.env for option in OPTIONS]
+    assert len(set(names)) == len(names)
+    assert names[0] == "COUCH_URL"
+    assert all(name.startswith(PREFIX) for name in names[1:])
+    assert all(option.help for option in OPTIONS)
+
+
+# --------------------------------------------------------------------------- COUCH_URL
+
+
+@pytest.mark.parametrize(
+    ("url", "server", "db"),
+    [
+        ("http://admin:pass@127.0.0.1:5984/medic", "http://127.0.0.1:5984/", "medic"),
+        ("http://admin:pass@127.0.0.1:5984/medic/", "http://127.0.0.1:5984/", "medic"),
+        (
+            "https://admin:pass@cht.example.org/couch/medic",
+            "https://cht.example.org/couch",
+            "medic",
+        ),
+        ("  http://admin:pass@couch:5984/other-db  ", "http://couch:5984/", "other-db"),
+        ("http://admin:pass@couch:5984/medic?x=1#f", "http://couch:5984/", "medic"),
+    ],
+    ids=["plain", "trailing-slash", "path-prefix", "whitespace", "query-and-fragment-dropped"],
+)
+def test_parse_couch_url(url: str, server: str, db: str) -> None:
+    target = parse_couch_url(url)
+    assert str(target.server) == server
+    assert target.db == db
+    assert target.vault_db == f"{db}-vault"
+    assert (target.user, target.password) == ("admin", "pass")
+    assert "pass" not in target.redacted
+    assert target.redacted.endswith("/" + db)
+
+
+def test_couch_url_is_required() -> None:
+    (problem,) = problems({})
+    assert problem.startswith("COUCH_URL: required")
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("localhost:5984", "is not an http(s) URL"),
+        ("ftp://admin:pass@host/medic", "is not an http(s) URL"),
+        ("http://admin:pass@host:5984", "has no database name"),
+        ("http://admin:pass@host:5984/", "has no database name"),
+        ("http://host:5984/medic", "has no credentials"),
+        ("http://admin@host:5984/medic", "has no credentials"),
+        ("", "is not an http(s) URL"),
+    ],
+    ids=["no-scheme", "ftp", "no-db", "root-only", "no-credentials", "no-password", "empty"],
+)
+def test_bad_couch_url(url: str, fragment: str) -> None:
+    (problem,) = problems({"COUCH_URL": url})
+    assert problem.startswith("COUCH_URL: ")
+    assert fragment in problem
+
+
+def test_password_never_appears_in_errors_or_repr() -> None:
+    (problem,) = problems({"COUCH_URL": "ftp://admin:s3cret@host/medic"})
+    assert "s3cret" not in problem
+    settings = Settings.from_env(BASE)
+    assert "s3cret" not in repr(settings)
+    assert "s3cret" not in str(settings.redacted())
+    assert settings.redacted()["couch"] == "http://127.0.0.1:5984/medic"
+
+
+# --------------------------------------------------------------------------- invalid values
+
+
+@pytest.mark.parametrize(
+    ("var", "raw"),
+    [
+        ("PORT", "abc"),
+        ("PORT", "70000"),
+        ("PORT", "-1"),
+        ("PORT", "5989.5"),
+        ("HOST", "   "),
+        ("SERVICE", ""),
+        ("POLL_INTERVAL", "0"),
+        ("POLL_INTERVAL", "-1"),
+        ("POLL_INTERVAL", "nan"),
+        ("POLL_INTERVAL", "inf"),
+        ("POLL_INTERVAL", "1m"),
+        ("LOG_LEVEL", "verbose"),
+        ("LOG_FORMAT", "xml"),
+        ("SEND_CONCURRENCY", "0"),
+        ("SEND_CONCURRENCY", "1.5"),
+        ("BROADCASTS_PER_HOUR", "-1"),
+        ("MESSAGES_PER_HOUR", "lots"),
+        ("CLOCK_SKEW", "-0.1"),
+        ("FEED_BATCH", "0"),
+        ("WEBHOOK_MAX_BYTES", "64k"),
+    ],
+    ids=lambda value: value if isinstance(value, str) and value.isupper() else repr(value),
+)
+def test_invalid_value_is_reported_with_its_variable(var: str, raw: str) -> None:
+    (problem,) = problems({**BASE, PREFIX + var: raw})
+    assert problem.startswith(f"{PREFIX}{var}: ")
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    env = {
+        "CHT_RAPIDPRO_PORT": "abc",
+        "CHT_RAPIDPRO_LOG_LEVEL": "verbose",
+        "CHT_RAPIDPRO_POLL_INTERVAL": "0",
+    }
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(env)
+    found = raised.value.problems
+    assert len(found) == 4
+    assert [p.split(":", 1)[0] for p in found] == [
+        "COUCH_URL",
+        "CHT_RAPIDPRO_PORT",
+        "CHT_RAPIDPRO_POLL_INTERVAL",
+        "CHT_RAPIDPRO_LOG_LEVEL",
+    ]
+    message = str(raised.value)
+    assert message.startswith("configuration error (4 problems):\n")
+    assert all(f"\n  {p}" in message for p in found)
+
+
+def test_single_problem_message_is_singular() -> None:
+    with pytest.raises(ConfigError, match=r"^configuration error \(1 problem\):\n  COUCH_URL"):
+        Settings.from_env({})
+
+
+# --------------------------------------------------------------------------- placeholders
+
+
+@pytest.mark.parametrize(
+    ("var", "raw"),
+    [
+        ("COUCH_URL", "http://admin:CHANGE_ME@127.0.0.1:5984/medic"),
+        ("COUCH_URL", "http://admin:change_me@127.0.0.1:5984/medic"),
+        ("CHT_RAPIDPRO_INSTANCE", "CHANGE_ME"),
+        ("CHT_RAPIDPRO_SERVICE", "Change_Me"),
+    ],
+    ids=["change-me", "lower-case", "instance", "mixed-case"],
+)
+def test_placeholders_are_rejected(var: str, raw: str) -> None:
+    env = {**BASE, var: raw}
+    (problem,) = problems(env)
+    assert problem == f"{var}: still holds the placeholder from the example file"
+    assert raw not in problem  # the value itself (possibly a secret) is not echoed
+
+
+# --------------------------------------------------------------------------- _FILE variants
+
+
+def test_file_variant_is_read_and_stripped(tmp_path: Path) -> None:
+    secret = tmp_path / "couch_url"
+    secret.write_text(COUCH + "\n", encoding="utf-8")
+    settings = Settings.from_env({"COUCH_URL_FILE": str(secret)})
+    assert settings.couch.password == "s3cret"
+    assert settings.couch.db == "medic"
+
+
+def test_file_variant_for_a_prefixed_option(tmp_path: Path) -> None:
+    path = tmp_path / "instance"
+    path.write_text("replica-b\n", encoding="utf-8")
+    settings = Settings.from_env({**BASE, "CHT_RAPIDPRO_INSTANCE_FILE": str(path)})
+    assert settings.instance == "replica-b"
+
+
+def test_missing_file_is_a_problem_naming_the_file_variable(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    (problem,) = problems({"COUCH_URL_FILE": str(missing)})
+    assert problem.startswith(f"COUCH_URL_FILE: {missing}: ")
+    assert "No such file" in problem
+
+
+def test_file_content_is_validated_under_the_file_variable(tmp_path: Path) -> None:
+    path = tmp_path / "couch_url"
+    path.write_text("localhost:5984", encoding="utf-8")
+    (problem,) = problems({"COUCH_URL_FILE": str(path)})
+    assert problem.startswith("COUCH_URL_FILE: ")
+    assert "is not an http(s) URL" in problem
+
+
+def test_real_values_with_angle_brackets_are_accepted() -> None:
+    settings = Settings.from_env({**BASE, "COUCH_URL": "http://admin:p<a>ss@127.0.0.1:5984/medic"})
+    assert settings.couch.password == "p<a>ss"
+
+
+def test_placeholder_in_file_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "couch_url"
+    path.write_text("http://admin:CHANGE_ME@127.0.0.1:5984/medic\n", encoding="utf-8")
+    (problem,) = problems({"COUCH_URL_FILE": str(path)})
+    assert problem == "COUCH_URL_FILE: still holds the placeholder from the example file"
+
+
+# --------------------------------------------------------------------------- TOML file
+
+
+def write_toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "cht-rapidpro.toml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_toml_file_fills_settings(tmp_path: Path) -> None:
+    config = write_toml(
+        tmp_path,
+        f'couch_url = "{COUCH}"\nport = 6002\npoll_interval = 30.5\nlog_format = "logfmt"\n',
+    )
+    settings = Settings.load(config, env={})
+    assert settings.couch.db == "medic"
+    assert settings.listen_port == 6002
+    assert settings.poll_interval_s == 30.5
+    assert settings.log_format == "logfmt"
+
+
+def test_env_wins_over_toml_file(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, 'couch_url = "http://a:b@file-host:5984/filedb"\nport = 6002\n')
+    settings = Settings.load(config, env={**BASE, "CHT_RAPIDPRO_PORT": "7000"})
+    assert settings.couch.db == "medic"
+    assert settings.couch.server.host == "127.0.0.1"
+    assert settings.listen_port == 7000
+
+
+def test_file_variable_wins_over_toml_file(tmp_path: Path) -> None:
+    secret = tmp_path / "couch_url"
+    secret.write_text(COUCH, encoding="utf-8")
+    config = write_toml(tmp_path, 'couch_url = "http://a:b@file-host:5984/filedb"\n')
+    settings = Settings.load(config, env={"COUCH_URL_FILE": str(secret)})
+    assert settings.couch.db == "medic"
+
+
+def test_toml_problems_name_the_file_key(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, 'port = "abc"\npoll_interval = 0\nsurprise = 1\n')
+    found = problems_from_load(config, BASE)
+    assert [p.split(":", 1)[0] for p in found] == [
+        "port (config file)",
+        "poll_interval (config file)",
+        "surprise (config file)",
+    ]
+    assert found[-1] == "surprise (config file): unknown setting"
+
+
+def test_toml_placeholder_rejected(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, 'couch_url = "http://admin:CHANGE_ME@host:5984/medic"\n')
+    (problem,) = problems_from_load(config, {})
+    assert problem == "couch_url (config file): still holds the placeholder from the example file"
+
+
+def test_toml_missing_couch_url_and_env_missing_is_required(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, "port = 6002\n")
+    (problem,) = problems_from_load(config, {})
+    assert problem.startswith("COUCH_URL: required")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.toml"
+    (problem,) = problems_from_load(str(missing), BASE)
+    assert problem.startswith(f"--config {missing}: ")
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, "port = = 6002\n")
+    (problem,) = problems_from_load(config, BASE)
+    assert problem.startswith(f"--config {config}: not valid TOML")
+
+
+def test_load_without_config_file_reads_the_given_env() -> None:
+    assert Settings.load(None, env=BASE) == Settings.from_env(BASE)
+
+
+def problems_from_load(config: str, env: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as raised:
+        Settings.load(config, env=env)
+    return raised.value.problems
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings.from_env(BASE)
+    with pytest.raises(AttributeError):
+        settings.listen_port = 1  # type: ignore[misc]

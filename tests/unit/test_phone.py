@@ -1,0 +1,164 @@
+"""cht.phone: CHT's phone normalisation (cht-messaging §3.7, vectors §6.8) and log masking."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cht_rapidpro.cht.phone import mask, normalize, region_for
+
+NZ = {"default_country_code": 64}
+KE = {"default_country_code": 254}
+KE_STR = {"default_country_code": "254"}
+
+# (id, settings, input, expected); None stands for CHT's `false`.
+VECTORS: list[tuple[str, dict[str, Any], str, str | None]] = [
+    # §6.8 item 72
+    ("72-nz-e164-unchanged", NZ, "+64275552636", "+64275552636"),
+    ("72-nz-conflicting-country-unchanged", NZ, "+15155556442", "+15155556442"),
+    ("72-no-settings-e164-unchanged", {}, "+64275552636", "+64275552636"),
+    ("72-nz-national", NZ, "0275552636", "+64275552636"),
+    ("72-nz-punctuation", NZ, "+ 6 4 - 02 7.-.5.(55((2636.", "+64275552636"),
+    ("72-nz-trunk-zero-after-cc", NZ, "+640275552636", "+64275552636"),
+    # §6.8 item 73
+    ("73-short-number-none", {**NZ, "phone_validation": "none"}, "4234", "4234"),
+    # §6.8 item 74
+    ("74-national-without-country", {}, "0275552636", None),
+    ("74-empty", NZ, "", None),
+    ("74-too-long", NZ, "5155556442123", None),
+    ("74-letter-inside", NZ, "02755K2636", None),
+    ("74-letters-inside", NZ, "0275HHH636", None),
+    ("74-letters-trailing", NZ, "0275552636ff", None),
+    ("74-angle-brackets", NZ, "0275552<636>", None),
+    # §6.8 item 75
+    ("75-ke-national", KE, "0712345678", "+254712345678"),
+    ("75-ke-no-trunk", KE, "712345678", "+254712345678"),
+    ("75-ke-cc-without-plus", KE, "254712345678", "+254712345678"),
+    ("75-ke-e164", KE, "+254712345678", "+254712345678"),
+    ("75-ke-str-national", KE_STR, "0712345678", "+254712345678"),
+    ("75-ke-str-no-trunk", KE_STR, "712345678", "+254712345678"),
+    ("75-ke-str-cc-without-plus", KE_STR, "254712345678", "+254712345678"),
+    ("75-ke-str-e164", KE_STR, "+254712345678", "+254712345678"),
+    ("75-ke-short-100", KE, "100", None),
+    ("75-ke-emergency-112", KE, "112", None),
+    ("75-ke-alpha-sender", KE, "SAFARICOM", None),
+    ("75-ke-alnum", KE, "phone1", None),
+    ("75-us-911", {"default_country_code": 1}, "911", None),
+    ("75-ke-partial", {**KE, "phone_validation": "partial"}, "0712345", "+2540712345"),
+    ("75-ke-none", {**KE, "phone_validation": "none"}, "12", "+25412"),
+    ("75-cr-e164", {"default_country_code": 506}, "+50689999999", "+50689999999"),
+    ("75-np-national", {"default_country_code": 977}, "9841202020", "+9779841202020"),
+    # §6.8 item 76
+    ("76-cc-plus-national", {"default_country_code": "+254"}, "0712345678", None),
+    ("76-cc-leading-zero-national", {"default_country_code": "0254"}, "0712345678", None),
+    ("76-cc-empty-national", {"default_country_code": ""}, "0712345678", None),
+    ("76-cc-null-national", {"default_country_code": None}, "0712345678", None),
+    ("76-cc-plus-e164", {"default_country_code": "+254"}, "+254712345678", "+254712345678"),
+    ("76-cc-leading-zero-e164", {"default_country_code": "0254"}, "+254712345678", "+254712345678"),
+    ("76-cc-empty-e164", {"default_country_code": ""}, "+254712345678", "+254712345678"),
+    ("76-cc-null-e164", {"default_country_code": None}, "+254712345678", "+254712345678"),
+    # §3.7 step 3: phone_validation is lower-cased
+    ("3.7-validation-lower-cased", {**KE, "phone_validation": "PARTIAL"}, "0712345", "+2540712345"),
+    ("3.7-unknown-validation-is-full", {**KE, "phone_validation": "strict"}, "0712345", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("settings", "phone", "expected"),
+    [vector[1:] for vector in VECTORS],
+    ids=[vector[0] for vector in VECTORS],
+)
+def test_normalize(settings: dict[str, Any], phone: str, expected: str | None) -> None:
+    assert normalize(settings, phone) == expected
+
+
+@pytest.mark.parametrize(
+    ("country_code", "region"),
+    [
+        (254, "KE"),
+        ("254", "KE"),
+        (254.0, "KE"),
+        (64, "NZ"),
+        (1, "US"),
+        ("+254", "ZZ"),
+        ("0254", "ZZ"),
+        ("254.0", "ZZ"),
+        ("", "ZZ"),
+        (None, "ZZ"),
+        (True, "ZZ"),
+        ([254], "ZZ"),
+    ],
+    ids=[
+        "int",
+        "digits",
+        "js-number-254.0",
+        "nz",
+        "us",
+        "plus",
+        "leading-zero",
+        "string-254.0",
+        "empty",
+        "undefined",
+        "boolean",
+        "array",
+    ],
+)
+def test_region_lookup_mimics_js(country_code: Any, region: str) -> None:
+    """§3.7 step 1: exact lookup of `String(cc)`; anything non-canonical finds no region."""
+    assert region_for(country_code) == region
+
+
+@pytest.mark.parametrize(
+    "phone",
+    [None, 254712345678, ["+254712345678"]],
+    ids=["undefined", "number", "array"],
+)
+def test_normalize_non_string_is_false(phone: Any) -> None:
+    assert normalize(KE, phone) is None
+
+
+@pytest.mark.parametrize(
+    ("phone", "expected"),
+    [
+        ("+254712345678", "***678"),
+        ("0275552636", "***636"),
+        ("+ 6 4 - 02 7.-.5.(55((2636.", "***636"),
+        ("4234", "***234"),
+        ("112", "***"),
+        ("12", "***"),
+        ("", "***"),
+        ("SAFARICOM", "***"),
+        (None, "***"),
+        (254712345678, "***"),
+    ],
+    ids=[
+        "e164",
+        "national",
+        "punctuated",
+        "four-digits",
+        "three-digits-hidden",
+        "two-digits-hidden",
+        "empty",
+        "alpha-sender",
+        "none",
+        "not-a-string",
+    ],
+)
+def test_mask(phone: Any, expected: str) -> None:
+    assert mask(phone) == expected
+
+
+@given(st.text(alphabet="0123456789+-() .abcK", max_size=30))
+def test_mask_never_reveals_the_whole_number(phone: str) -> None:
+    masked = mask(phone)
+    digits = re.sub(r"[^0-9]", "", phone)
+    shown = re.sub(r"[^0-9]", "", masked)
+    assert masked.startswith("***")
+    assert len(shown) <= 3
+    assert digits.endswith(shown)
+    if digits:
+        assert len(shown) < len(digits), "the full number must never appear"
