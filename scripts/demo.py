@@ -113,7 +113,9 @@ async def demo(args: argparse.Namespace) -> int:
                 )  # fmt: skip
             await wait_healthy(port, proc)
             say(f"cht-rapidpro daemon running on :{port}; its log: {log_path}")
-            say(f"health: http://127.0.0.1:{port}/healthz   metrics: http://127.0.0.1:{port}/metrics")
+            say(
+                f"health: http://127.0.0.1:{port}/healthz   metrics: http://127.0.0.1:{port}/metrics"
+            )
 
             batch = 0
             while True:

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from cht_rapidpro import logs
-from cht_rapidpro.app import GATEWAY, build_app
+from cht_rapidpro.app import build_app, gateway_of
 from cht_rapidpro.config import Settings
 from cht_rapidpro.gateway import Gateway
 from pouchdb import PouchServer
@@ -143,7 +143,7 @@ class RunningDaemon:
 
     @property
     def gateway(self) -> Gateway:
-        return self.app[GATEWAY]
+        return gateway_of(self.app)
 
     async def start(self) -> None:
         await self.runner.setup()

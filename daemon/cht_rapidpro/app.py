@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -17,14 +18,25 @@ from . import systemd
 from .config import Settings
 from .couch.client import CouchClient
 from .gateway import Gateway
+from .incoming import ROUTES as INCOMING_ROUTES
+from .incoming import IncomingWebhook
 from .logs import get_logger
 from .metrics import Metrics
 from .outbound import Identity
 from .rapidpro.client import RapidProClient
 from .rapidpro.throttle import BROADCASTS, MESSAGES, Budget
 
+
+@dataclass(slots=True)
+class Components:
+    """What `_resources` builds at start-up (the app itself is frozen by then)."""
+
+    gateway: Gateway | None = None
+    webhook: IncomingWebhook | None = None
+
+
 SETTINGS = web.AppKey("settings", Settings)
-GATEWAY = web.AppKey("gateway", Gateway)
+COMPONENTS = web.AppKey("components", Components)
 METRICS = web.AppKey("metrics", Metrics)
 ON_FATAL = web.AppKey[Callable[[int], None]]("on_fatal")
 IDENTITY = web.AppKey("identity", Identity)
@@ -53,7 +65,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             on_fatal=app[ON_FATAL],
             identity=app.get(IDENTITY),
         )
-        app[GATEWAY] = gateway
+        components = app[COMPONENTS]
+        components.gateway = gateway
+        components.webhook = IncomingWebhook(couch, gateway.cht, app[METRICS])
         gateway.start()
         yield
         await gateway.stop()
@@ -62,12 +76,24 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await couch.close()
 
 
+def gateway_of(app: web.Application) -> Gateway:
+    gateway = app[COMPONENTS].gateway
+    assert gateway is not None, "used before start-up"
+    return gateway
+
+
 async def healthz(request: web.Request) -> web.Response:
-    healthy, problems = request.app[GATEWAY].health()
+    healthy, problems = gateway_of(request.app).health()
     return web.json_response(
         {"status": "ok" if healthy else "degraded", "problems": problems},
         status=200 if healthy else 503,
     )
+
+
+async def incoming_messages(request: web.Request) -> web.Response:
+    webhook = request.app[COMPONENTS].webhook
+    assert webhook is not None, "used before start-up"
+    return await webhook.handle(request)
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -83,6 +109,7 @@ def build_app(
 ) -> web.Application:
     app = web.Application(client_max_size=settings.webhook_max_bytes)
     app[SETTINGS] = settings
+    app[COMPONENTS] = Components()
     app[METRICS] = Metrics()
     app[ON_FATAL] = on_fatal
     if identity is not None:
@@ -90,6 +117,8 @@ def build_app(
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_view)
+    for path in INCOMING_ROUTES:
+        app.router.add_post(path, incoming_messages)
     return app
 
 

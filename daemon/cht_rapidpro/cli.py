@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__, logs
-from .config import OPTIONS, Settings
+from .config import DEFAULTS, OPTIONS, Settings
 from .errors import ConfigError
 
 EX_OK, EX_USAGE, EX_CONFIG = 0, 64, 78
@@ -43,7 +43,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 def _epilog() -> str:
     lines = ["settings (environment variables; also keys of a --config TOML file):"]
     for option in OPTIONS:
-        lines.append(f"  {option.env}\n      {option.help}")
+        default = DEFAULTS.get(option.name)
+        shown = f" (default: {default})" if default not in (None, "") else ""
+        lines.append(f"  {option.env}\n      {option.help}{shown}")
     return "\n".join(lines)
 
 

@@ -361,7 +361,7 @@ class Settings:
         if problems:
             raise ConfigError(problems)
         if not values.get("instance"):
-            port = values.get("listen_port", _DEFAULTS["listen_port"])
+            port = values.get("listen_port", DEFAULTS["listen_port"])
             values["instance"] = f"{socket.gethostname()}:{port}"
         return cls(**values)
 
@@ -388,5 +388,5 @@ class Settings:
         return shown
 
 
-_DEFAULTS = {item.name: item.default for item in fields(Settings) if item.default is not MISSING}
-_REQUIRED = frozenset(item.name for item in fields(Settings) if item.name not in _DEFAULTS)
+DEFAULTS = {item.name: item.default for item in fields(Settings) if item.default is not MISSING}
+_REQUIRED = frozenset(item.name for item in fields(Settings) if item.name not in DEFAULTS)

@@ -322,4 +322,6 @@ class Gateway:
         gate = self.cht.gate
         if not gate.open and gate.severity == "error":
             problems.append(f"sending disabled: {gate.reason}")
+        if self.sender.problem:
+            problems.append(self.sender.problem)
         return not problems, problems

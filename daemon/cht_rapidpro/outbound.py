@@ -110,6 +110,9 @@ class MessageJob:
     urn: str
     text: str  # escaped, exactly as posted
     uncertain: bool  # an earlier attempt may have created the broadcast: reconcile first
+    # Monotonic time before which an earlier, abandoned POST may still be creating its
+    # broadcast at RapidPro: looking it up sooner could miss it and send it twice.
+    settle_until: float = 0.0
     result: Accepted | Rejected | None = None
     attempts: int = 0
     backoff: Backoff = field(default_factory=Backoff)
@@ -272,6 +275,7 @@ class OutgoingSender:
         self._outage = Backoff(initial=settings.retry_initial_s, maximum=settings.retry_max_s)
         self._paused_until = 0.0
         self._pause_target: Target | None = None
+        self._pause_reason = ""
         self._claim_ttl = timedelta(seconds=settings.claim_ttl_s)
 
     # -- intake ---------------------------------------------------------------------------
@@ -481,7 +485,8 @@ class OutgoingSender:
                     TaskJob(
                         ref=sendable.ref,
                         messages=[
-                            self._message_job(m, prior is not None) for m in sendable.messages
+                            self._message_job(m, prior is not None, self._settle_until(prior, now))
+                            for m in sendable.messages
                         ],
                         since=since,
                     )
@@ -514,7 +519,23 @@ class OutgoingSender:
         self._log.warning("claim_gave_up", doc_id=doc_id, rounds=MAX_WRITE_ROUNDS)
         return None
 
-    def _message_job(self, message: OutgoingMessage, uncertain: bool) -> MessageJob:
+    def _settle_until(self, prior: Claim | None, now: datetime) -> float:
+        """When a POST by the earlier claimant must have reached RapidPro, as monotonic time.
+
+        A claimant posts only while its claim is younger than TTL/2 (it renews first), and a
+        POST it started lands at most SEND_TIMEOUT later. Takeovers after the TTL need no wait;
+        a restart after a crash may.
+        """
+        if prior is None or prior.at is None:
+            return 0.0
+        latest_post = (
+            prior.at + self._claim_ttl / 2 + timedelta(seconds=self._settings.send_timeout_s)
+        )
+        return time.monotonic() + max(0.0, (latest_post - now).total_seconds())
+
+    def _message_job(
+        self, message: OutgoingMessage, uncertain: bool, settle_until: float = 0.0
+    ) -> MessageJob:
         # CHT normalises `to` at send time and falls back to the raw value (messaging.js).
         to = normalize(self._cht.app_settings, message.to) or message.to
         return MessageJob(
@@ -522,6 +543,7 @@ class OutgoingSender:
             urn=f"tel:{to}",
             text=escape_text(message.text),
             uncertain=uncertain,
+            settle_until=settle_until,
             backoff=Backoff(
                 initial=self._settings.retry_initial_s, maximum=self._settings.retry_max_s
             ),
@@ -540,6 +562,11 @@ class OutgoingSender:
         log = self._log.bind(doc_id=doc_id, message_uuid=message.message.uuid)
         message.attempts += 1
         if message.uncertain:
+            settle = message.settle_until - time.monotonic()
+            if settle > 0:
+                log.info("reconcile_waiting", delay_s=round(settle, 2))
+                await self._sleep(settle)
+                target = await self._ready()
             found = await self._reconcile(target, task, message, log)
             if found is not None:
                 message.result = Accepted(found, adopted=True)
@@ -567,7 +594,10 @@ class OutgoingSender:
             )
             return
         except RetryableError as exc:
-            message.uncertain = message.uncertain or exc.ambiguous
+            if exc.ambiguous:
+                message.uncertain = True
+                # RapidPro may still be working on the request we gave up on.
+                message.settle_until = time.monotonic() + self._settings.send_timeout_s
             await self._retry_later(job, message, exc, log)
             return
         self._outage.reset()
@@ -629,8 +659,16 @@ class OutgoingSender:
             self._metrics.send_errors.labels("config").inc()
         self._paused_until = max(self._paused_until, now + CONFIG_PAUSE_S)
         self._pause_target = target
+        self._pause_reason = str(exc)
         # The token may have been changed in CHT since we read it.
         self._spawn(self._cht.refresh_credentials(force=True), "refresh-credentials")
+
+    @property
+    def problem(self) -> str | None:
+        """Why sending is paused by RapidPro's answers (a refused token or URL), if it is."""
+        if self._pause_target is None or self._paused_until <= time.monotonic():
+            return None
+        return f"RapidPro refused the configuration: {self._pause_reason}"
 
     async def _ready(self) -> Target:
         """Wait until sending is allowed; the current target."""

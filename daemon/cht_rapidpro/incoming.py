@@ -1,0 +1,175 @@
+"""The webhook RapidPro flows call with each incoming SMS (spec cht-messaging §3.3, §4).
+
+Each message is stored exactly once as the report CHT's `records.createByForm` would create.
+The document `_id` is derived from RapidPro's id, so CouchDB itself refuses a second copy, even
+under concurrent deliveries; ids CHT stored itself are found through its own
+`medic-sms/messages_by_gateway_ref` view when it exists.
+
+Deliberate differences from CHT (whose answers send RapidPro's flow down its failure branch):
+a duplicate answers 200 `{"saved": 0, "duplicate": true}` (CHT: 400), malformed JSON answers 400
+(CHT: 500), and a CouchDB outage answers 503 (CHT: 500). Every error body is CHT's JSON shape
+`{"code": n, "error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import time
+from typing import Any
+
+from aiohttp import web
+
+from .chtconfig import ChtConfig
+from .couch.client import CouchClient
+from .errors import ConflictError, GatewayError
+from .logs import get_logger
+from .metrics import Metrics
+
+ROUTES = (
+    "/api/v1/sms/radpidpro/incoming-messages",  # CHT's original path, typo and all
+    "/api/v2/sms/rapidpro/incoming-messages",
+)
+_TOKEN = re.compile(r"^Token\s+(.*)$")
+_FIELDS = ("id", "from", "content")
+
+log = get_logger(component="webhook")
+
+
+class WebhookError(Exception):
+    """An answer other than success: HTTP status and CHT's error text."""
+
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+def doc_id_for(message_id: str | int) -> str:
+    """The report's `_id` for a RapidPro message id (a run uuid in CHT's flow set-up).
+
+    Readable for the usual uuid-like ids; hashed for anything else so that every id, whatever
+    its characters or length, maps to one valid CouchDB id. Strings and numbers never collide.
+    """
+    if isinstance(message_id, str) and re.fullmatch(
+        r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}", message_id
+    ):
+        return f"sms-rapidpro:{message_id}"
+    digest = hashlib.sha256(json.dumps(message_id).encode()).hexdigest()[:40]
+    return f"sms-rapidpro:sha256:{digest}"
+
+
+class IncomingWebhook:
+    """The request handler; one instance per daemon."""
+
+    def __init__(self, couch: CouchClient, cht: ChtConfig, metrics: Metrics) -> None:
+        self._couch = couch
+        self._cht = cht
+        self._metrics = metrics
+        self._has_ref_view: bool | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            status, body, outcome = 200, await self._accept(request), "saved"
+            if body.get("duplicate"):
+                outcome = "duplicate"
+        except WebhookError as exc:
+            status, body, outcome = exc.status, {"code": exc.status, "error": exc.error}, "refused"
+        self._metrics.webhook_requests.labels(code=str(status)).inc()
+        log.info(
+            "webhook_handled",
+            outcome=outcome,
+            status=status,
+            error=body.get("error"),
+            doc_id=body.pop("_doc_id", None),
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        return web.json_response(body, status=status)
+
+    async def _accept(self, request: web.Request) -> dict[str, Any]:
+        self._check_token(request.headers.get("Authorization"))
+        await self._cht.refresh_credentials()  # cheap: re-reads only when stale
+        expected = self._cht.incoming_key
+        if not expected:
+            raise WebhookError(403, "No incoming key configured")
+        given = _TOKEN.match(request.headers.get("Authorization", ""))
+        assert given is not None  # checked above
+        if not hmac.compare_digest(given.group(1).encode(), expected.encode()):
+            raise WebhookError(403, "Incorrect token")
+        message = await _read_message(request)
+        if not self._cht.settings_loaded:
+            raise WebhookError(503, "Starting up: app settings not loaded yet, try again")
+        return await self._store(message)
+
+    @staticmethod
+    def _check_token(header: str | None) -> None:
+        if header is None or not _TOKEN.match(header):
+            raise WebhookError(403, "Missing authorization token")
+
+    async def _store(self, message: dict[str, Any]) -> dict[str, Any]:
+        doc_id = doc_id_for(message["id"])
+        try:
+            if await self._seen_by_cht(message["id"]):
+                return {"saved": 0, "duplicate": True, "_doc_id": None}
+            doc = self._report(message)
+            doc["_id"] = doc_id
+            await self._couch.create(doc)
+        except ConflictError:
+            return {"saved": 0, "duplicate": True, "_doc_id": doc_id}
+        except GatewayError as exc:
+            log.warning("webhook_store_failed", doc_id=doc_id, error=str(exc))
+            raise WebhookError(503, "Message was not saved: the database is unavailable") from exc
+        return {"saved": 1, "_doc_id": doc_id}
+
+    def _report(self, message: dict[str, Any]) -> dict[str, Any]:
+        data = {
+            "from": message["from"],
+            "message": message["content"],
+            "gateway_ref": message["id"],
+        }
+        from .cht.records import create_by_form  # TEMP until records lands
+
+        settings = self._cht.app_settings
+        try:
+            return create_by_form(data, settings=settings)
+        except Exception as exc:
+            # A parser bug must not lose the SMS: keep it as a free-text message, as CHT
+            # stores text that matches no form. Only the error type is logged (no content).
+            log.error("webhook_parse_failed", error_type=type(exc).__name__)
+            return create_by_form(data, settings={**settings, "forms": {}})
+
+    async def _seen_by_cht(self, message_id: Any) -> bool:
+        """Whether CHT itself already stored this id (`medic-sms/messages_by_gateway_ref`)."""
+        if self._has_ref_view is None:
+            self._has_ref_view = await self._couch.has_view("medic-sms", "messages_by_gateway_ref")
+        if not self._has_ref_view:
+            return False
+        rows = await self._couch.view("medic-sms", "messages_by_gateway_ref", keys=[message_id])
+        return bool(rows)
+
+
+async def _read_message(request: web.Request) -> dict[str, Any]:
+    """The `{id, from, content}` body, or a clear 4xx; nothing is written on any of these."""
+    if request.content_type != "application/json":
+        raise WebhookError(400, "Content-Type must be application/json")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise WebhookError(413, "Request body is too large for one SMS") from exc
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WebhookError(400, "Request body is not valid JSON") from exc
+    if not isinstance(body, dict):
+        raise WebhookError(400, "Request body must be a JSON object {id, from, content}")
+    for field in _FIELDS:
+        value = body.get(field)
+        valid_id = field == "id" and isinstance(value, int) and not isinstance(value, bool)
+        if not (valid_id or isinstance(value, str)) or value in ("", 0):
+            raise WebhookError(
+                400, f'Message was not saved: missing required field "{field}" (a non-empty string)'
+            )
+    return {field: body[field] for field in _FIELDS}
