@@ -1,4 +1,4 @@
-"""The demo: a local CouchDB-compatible server, the RapidPro sandbox and the daemon, messages flowing.
+"""The demo: a local CouchDB-compatible server, the RapidPro sandbox and the daemon, at work.
 
 Run through `scripts/demo` (which does the set-up first). It starts pouchdb-server with a
 `medic` db set up as a CHT 4.x instance would be (app settings, the RapidPro credential in the
@@ -19,11 +19,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test server runner and document builders
 
+from cht_rapidpro import logs  # noqa: E402
 from cht_rapidpro.sandbox import DEFAULT_TOKEN, SandboxConfig, start_sandbox  # noqa: E402
 from pouchdb import PouchServer  # noqa: E402
 from support import CouchAdmin, CouchServer, message_doc, rapidpro_settings, task  # noqa: E402
@@ -148,6 +148,7 @@ def main() -> int:
     parser.add_argument("--step", type=float, default=0.5, help="sandbox seconds per status step")
     parser.add_argument("--once", action="store_true", help="stop when the first batch is final")
     args = parser.parse_args()
+    logs.configure("warning", "console")  # the sandbox's request log would drown the story
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(demo(args))
     return 0
