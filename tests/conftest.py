@@ -126,6 +126,8 @@ FAST_ENV = {
     "CHT_RAPIDPRO_FEED_HEARTBEAT": "1",
     "CHT_RAPIDPRO_RETRY_MAX": "0.5",
     "CHT_RAPIDPRO_SEND_TIMEOUT": "3",
+    # After a restart, our own earlier claims wait TTL/2 + SEND_TIMEOUT before the lookup.
+    "CHT_RAPIDPRO_CLAIM_TTL": "8",
     "CHT_RAPIDPRO_LOG_FORMAT": "logfmt",
     "CHT_RAPIDPRO_LOG_LEVEL": "debug",
 }

@@ -34,12 +34,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def cmd_sandbox(args: argparse.Namespace) -> int:
-    from .sandbox.__main__ import main as sandbox_main
-
-    return sandbox_main(args.sandbox_args)
-
-
 def _epilog() -> str:
     lines = ["settings (environment variables; also keys of a --config TOML file):"]
     for option in OPTIONS:
@@ -72,12 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the RapidPro sandbox (a fake RapidPro API for trying things out)",
         add_help=False,
     )
-    sandbox.add_argument("sandbox_args", nargs=argparse.REMAINDER)
-    sandbox.set_defaults(func=cmd_sandbox)
+    sandbox.add_argument("sandbox_args", nargs=argparse.REMAINDER, help="see `sandbox --help`")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sandbox"]:
+        # argparse's REMAINDER would swallow the sandbox's own `--options`: hand them over.
+        from .sandbox.__main__ import main as sandbox_main
+
+        return sandbox_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

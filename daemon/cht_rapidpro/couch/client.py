@@ -136,7 +136,7 @@ class CouchClient:
     @classmethod
     def connect(cls, target: CouchTarget, *, timeout_s: float) -> CouchClient:
         """A client with its own aiocouch session; close it with `close()`."""
-        middlewares = [couch_compat]
+        middlewares: list[aiohttp.ClientMiddlewareType] = [couch_compat]
         if target.user:
             middlewares.append(basic_auth(target.user, target.password or ""))
         couch = aiocouch.CouchDB(

@@ -1,0 +1,518 @@
+"""The sandbox's HTTP side: RapidPro API v2 routes, the `/_sandbox/` control API, start-up.
+
+Faithful (spec §1): `Token`/`Basic` auth answering 403 (never 401) with DRF's details, checks in
+DRF's order (authenticate → throttle → method → handler; a 403 uses no quota, a 400 does),
+`X-Temba-Org`, compact JSON with Unicode unescaped, suffix-less GET lists answering `[]`, Django's
+HTML 404 for unknown URLs (a trailing slash included), cursor pagination with absolute `next` and
+`previous` links keeping the filters. Simplified: only JSON request bodies (form and multipart get
+415), no session auth or permissions per role, no POST /messages or contact writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import functools
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import structlog
+from aiohttp import web
+
+from . import wire
+from .incoming import cht_headers
+from .state import (
+    BroadcastRecord,
+    Contact,
+    Fault,
+    MessageRecord,
+    Sandbox,
+    SandboxConfig,
+    ThrottledError,
+    default_rates,
+    throttle_detail,
+    throttle_scope,
+)
+
+SANDBOX = web.AppKey("sandbox", Sandbox)
+NOT_PROVIDED = "Authentication credentials were not provided."
+EXCLUSIVE = ("contact", "folder", "label", "broadcast")
+SERVER_ERROR = "Server Error. Site administrators have been notified."
+NOT_FOUND_HTML = (
+    '<!doctype html>\n<html lang="en">\n<head>\n  <title>Not Found</title>\n</head>\n<body>\n'
+    "  <h1>Not Found</h1><p>The requested resource was not found on this server.</p>\n"
+    "</body>\n</html>\n"
+)
+FOLDER_STATUSES = {
+    "outbox": frozenset({"queued", "errored"}),
+    "sent": frozenset({"wired", "sent", "delivered", "read"}),
+    "failed": frozenset({"failed"}),
+}
+
+log = structlog.get_logger("cht_rapidpro.sandbox")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+dumps = functools.partial(json.dumps, separators=(",", ":"), ensure_ascii=False)
+
+
+class ApiError(Exception):
+    """An answer other than a DRF validation error, e.g. a 415 or a 500."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=dumps)
+
+
+# --- middleware: request log, faults, error pages ------------------------------------------------
+
+
+@web.middleware
+async def sandbox_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Route-independent behaviour: faults and the request log for the API, 400s for control."""
+    if request.path.startswith("/_sandbox/"):
+        try:
+            return await handler(request)
+        except (ValueError, TypeError, KeyError) as exc:
+            return json_response({"error": f"{type(exc).__name__}: {exc}"}, status=400)
+    if not request.path.startswith("/api/"):
+        return await _html_404(handler, request)
+    return await _api_request(request, handler)
+
+
+async def _html_404(handler: Handler, request: web.Request) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return web.Response(status=404, text=NOT_FOUND_HTML, content_type="text/html")
+
+
+async def _api_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+    sandbox = request.app[SANDBOX]
+    body = await _logged_body(request)
+    fault = sandbox.take_fault(request.method, request.path)
+    response = await _respond(request, handler, fault)
+    status = 0 if response is None else response.status
+    sandbox.record_request(request.method, request.path, request.query, status, body)
+    log.info("sandbox_request", method=request.method, path=request.path, status=status)
+    if response is None:
+        if request.transport is not None:
+            request.transport.close()
+        raise web.HTTPInternalServerError  # never written: the connection is gone
+    return response
+
+
+async def _respond(
+    request: web.Request, handler: Handler, fault: Fault | None
+) -> web.StreamResponse | None:
+    """The answer with `fault` applied (see `Fault`); None to drop the connection."""
+    if fault is None:
+        return await _html_404(handler, request)
+    committed = await _html_404(handler, request) if fault.commit else None
+    if fault.delay:
+        await asyncio.sleep(fault.delay)
+    if fault.drop:
+        return None
+    if fault.status is not None:
+        return fault_response(fault.status, fault.body, fault.retry_after)
+    return committed or await _html_404(handler, request)
+
+
+async def _logged_body(request: web.Request) -> Any:
+    """The JSON body of a broadcast POST, kept for `Sandbox.requests` (read once, cached)."""
+    if request.method != "POST" or "broadcasts" not in request.path:
+        return None
+    text = await request.text()
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return text
+
+
+def fault_response(status: int, body: str | None, retry_after: int | None) -> web.Response:
+    """RapidPro's text 500, nginx's HTML 5xx pages, or a DRF 429."""
+    if status == 429:
+        detail, _ = throttle_detail(retry_after)
+        response = json_response({"detail": body or detail}, status=429)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
+    if status == 500:
+        return web.Response(status=500, text=body or SERVER_ERROR, content_type="text/plain")
+    reason = web.Response(status=status).reason
+    html = (
+        f"<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n"
+        f"<center><h1>{status} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n"
+        "</body>\r\n</html>\r\n"
+    )
+    return web.Response(status=status, text=body or html, content_type="text/html")
+
+
+# --- API: auth, throttle, dispatch ---------------------------------------------------------------
+
+
+def authenticate(header: str | None, tokens: frozenset[str]) -> str | None:
+    """None if `Authorization` holds a valid token, else DRF's 403 detail (spec §1.2)."""
+    parts = (header or "").split()
+    if not parts or parts[0].lower() not in ("token", "basic"):
+        return NOT_PROVIDED  # e.g. `Bearer`: ignored, the request is anonymous
+    kind = parts[0].lower()
+    if len(parts) == 1:
+        return f"Invalid {kind} header. No credentials provided."
+    if len(parts) > 2:
+        what = "Token string" if kind == "token" else "Credentials string"
+        return f"Invalid {kind} header. {what} should not contain spaces."
+    if kind == "token":
+        return None if parts[1] in tokens else "Invalid token"
+    try:
+        _, _, token = base64.b64decode(parts[1], validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return "Invalid basic header. Credentials not correctly base64 encoded."
+    return None if token in tokens else "Invalid token or email"
+
+
+async def api(request: web.Request) -> web.StreamResponse:
+    """`/api/v2/<endpoint>[.json]` in DRF's order: authenticate, throttle, method, handler."""
+    sandbox = request.app[SANDBOX]
+    endpoint = request.match_info["endpoint"]
+    methods = ENDPOINTS.get(endpoint)
+    if methods is None:
+        raise web.HTTPNotFound
+    detail = authenticate(request.headers.get("Authorization"), sandbox.config.tokens)
+    if detail is not None:
+        return json_response({"detail": detail}, status=403)
+    response = await _authenticated(request, sandbox, endpoint, methods)
+    response.headers["X-Temba-Org"] = "1"
+    return response
+
+
+async def _authenticated(
+    request: web.Request, sandbox: Sandbox, endpoint: str, methods: dict[str, ApiHandler]
+) -> web.Response:
+    try:
+        sandbox.check_throttle(throttle_scope(endpoint, sandbox.config.dialect))
+    except ThrottledError as exc:
+        return _throttled(exc.wait, sandbox.config.retry_after_header)
+    method = methods.get(request.method)
+    if method is None:
+        return json_response({"detail": f'Method "{request.method}" not allowed.'}, status=405)
+    if request.method == "GET" and not request.path.endswith(".json"):
+        return json_response([])  # "a request to browse the endpoint docs" (spec §1.1)
+    try:
+        return await method(request, sandbox)
+    except ApiError as exc:
+        return exc.response
+    except wire.ValidationError as exc:
+        return json_response(exc.errors, status=400)
+    except wire.QueryError as exc:
+        return json_response({"detail": str(exc)}, status=400)
+    except wire.CursorError:
+        return json_response({"detail": "Invalid cursor"}, status=404)
+
+
+def _throttled(wait: float | None, with_header: bool) -> web.Response:
+    detail, seconds = throttle_detail(wait if with_header else None)
+    response = json_response({"detail": detail}, status=429)
+    if seconds is not None:
+        response.headers["Retry-After"] = str(seconds)
+    return response
+
+
+async def _json_body(request: web.Request) -> Any:
+    """DRF's parsing: no body or no content type gives `{}`; JSON errors are a 400."""
+    content_type = request.headers.get("Content-Type")
+    if not request.body_exists or content_type is None:
+        return {}
+    if request.content_type != "application/json":
+        detail = f'Unsupported media type "{content_type}" in request.'
+        raise ApiError(json_response({"detail": detail}, status=415))
+    text = await request.text()
+    try:
+        return json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise wire.ValidationError({"detail": f"JSON parse error - {exc}"}) from None
+
+
+def _datetime_filters(query: Mapping[str, str]) -> tuple[datetime | None, datetime | None, bool]:
+    """`(after, before, unparseable)`: a bad date empties the result instead of a 400."""
+    bounds: list[datetime | None] = []
+    bad = False
+    for name in ("after", "before"):
+        value = query.get(name)
+        moment = wire.parse_query_datetime(value) if value else None
+        bad = bad or (bool(value) and moment is None)
+        bounds.append(moment)
+    return bounds[0], bounds[1], bad
+
+
+def _window(rows: list[T], when: Callable[[T], datetime], query: Mapping[str, str]) -> list[T]:
+    after, before, bad = _datetime_filters(query)
+    if bad:
+        return []
+    return [
+        r
+        for r in rows
+        if (after is None or when(r) >= after) and (before is None or when(r) <= before)
+    ]
+
+
+def _page(
+    request: web.Request,
+    rows: Sequence[T],
+    key: Callable[[T], wire.SortKey],
+    render: Callable[[T], dict[str, Any]],
+) -> web.Response:
+    """The `{"next","previous","results"}` envelope; links are absolute and keep the filters."""
+    cursor = request.query.get("cursor")
+    size = request.app[SANDBOX].config.page_size
+    page = wire.paginate(rows, key, wire.Cursor.decode(cursor) if cursor else None, size)
+
+    def link(position: wire.Cursor | None) -> str | None:
+        return None if position is None else str(request.url.update_query(cursor=position.encode()))
+
+    return json_response(
+        {
+            "next": link(page.next),
+            "previous": link(page.previous),
+            "results": [render(row) for row in page.rows],
+        }
+    )
+
+
+async def post_broadcast(request: web.Request, sandbox: Sandbox) -> web.Response:
+    body = await _json_body(request)
+    record = sandbox.create_broadcast(sandbox.validate_broadcast(body), body)
+    return json_response(sandbox.broadcast_json(record, record.created_on), status=201)
+
+
+async def get_broadcasts(request: web.Request, sandbox: Sandbox) -> web.Response:
+    query, now = request.query, sandbox.now()
+    wanted_id = wire.int_param(query, "id")
+    wanted_uuid = wire.uuid_param(query, "uuid") if sandbox.config.dialect == "current" else None
+    rows = [
+        b
+        for b in sandbox.broadcasts
+        if sandbox.visible(b.created_on, now)
+        and (wanted_id is None or b.id == wanted_id)
+        and (wanted_uuid is None or b.uuid == wanted_uuid)
+    ]
+    rows = _window(rows, lambda b: b.created_on, query)
+
+    def key(b: BroadcastRecord) -> wire.SortKey:
+        return b.created_on, b.id
+
+    return _page(request, rows, key, lambda b: sandbox.broadcast_json(b, now))
+
+
+async def get_messages(request: web.Request, sandbox: Sandbox) -> web.Response:
+    """Filters, folders and orderings of `MessagesEndpoint` (spec §4.1-§4.2)."""
+    query, now, dialect = request.query, sandbox.now(), sandbox.config.dialect
+    given = [name for name in EXCLUSIVE if query.get(name)]
+    if len(given) > 1:
+        raise wire.QueryError(
+            "You may only specify one of the contact, folder, label, broadcast parameters"
+        )
+    wanted_id = wire.int_param(query, "id")
+    wanted_uuid = wire.uuid_param(query, "uuid") if dialect == "current" else None
+    rows = [
+        m
+        for m in sandbox.messages
+        if sandbox.visible(m.created_on, now)
+        and (wanted_id is None or m.id == wanted_id)
+        and (wanted_uuid is None or m.uuid == wanted_uuid)
+    ]
+    states = {m.id: m.state_at(now) for m in rows}
+    folder = query.get("folder", "").lower()
+
+    def ordering(m: MessageRecord) -> datetime:
+        if folder == "sent":  # `-sent_on, -id` (v8.1.37+)
+            return states[m.id][1] or m.created_on
+        if folder == "incoming":  # v9: ordered and windowed on `modified_on`
+            return states[m.id][2]
+        return m.created_on
+
+    if folder:
+        rows = [m for m in rows if _in_folder(m, states[m.id][0], folder, dialect)]
+    rows = _filter_messages(rows, query)
+    rows = _window(rows, ordering if folder == "incoming" else (lambda m: m.created_on), query)
+
+    def key(m: MessageRecord) -> wire.SortKey:
+        return ordering(m), m.id
+
+    return _page(request, rows, key, lambda m: sandbox.message_json(m, now))
+
+
+def _in_folder(message: MessageRecord, status: str, folder: str, dialect: str) -> bool:
+    if message.direction == "in":
+        return folder == "flows" or (folder == "incoming" and dialect == "v9")
+    return status in FOLDER_STATUSES.get(folder, ())
+
+
+def _filter_messages(rows: list[MessageRecord], query: Mapping[str, str]) -> list[MessageRecord]:
+    if query.get("broadcast"):
+        try:
+            broadcast = int(query["broadcast"])
+        except ValueError:
+            # Straight into `filter(broadcast_id=...)`: Django raises, DRF answers 500 (§4.1).
+            raise ApiError(web.Response(status=500, text=SERVER_ERROR)) from None
+        return [m for m in rows if m.broadcast == broadcast]
+    if query.get("contact"):
+        return [m for m in rows if m.contact.uuid == query["contact"]]
+    if query.get("label"):
+        return []  # no labels in the sandbox
+    return rows
+
+
+async def get_contacts(request: web.Request, sandbox: Sandbox) -> web.Response:
+    """A minimal contact list: `uuid` and `urn` filters, newest modified first."""
+    query = request.query
+    urn = wire.normalize_urn(query["urn"], sandbox.config.default_country) if "urn" in query else ""
+    rows = [
+        c
+        for c in sandbox.contacts
+        if query.get("uuid", c.uuid) == c.uuid and (not urn or urn in c.urns)
+    ]
+    rows = _window(rows, lambda c: c.created_on, query)
+
+    def key(c: Contact) -> wire.SortKey:
+        return c.created_on, c.id
+
+    return _page(request, rows, key, sandbox.contact_json)
+
+
+ApiHandler = Callable[[web.Request, Sandbox], Awaitable[web.Response]]
+ENDPOINTS: dict[str, dict[str, ApiHandler]] = {
+    "broadcasts": {"GET": get_broadcasts, "POST": post_broadcast},
+    "messages": {"GET": get_messages},
+    "contacts": {"GET": get_contacts},
+}
+
+
+# --- control API ---------------------------------------------------------------------------------
+
+control = web.RouteTableDef()
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    body = await request.json() if request.body_exists else {}
+    if not isinstance(body, dict):
+        raise TypeError("the body must be a JSON object")
+    return body
+
+
+@control.get("/_sandbox/state")
+async def control_state(request: web.Request) -> web.Response:
+    return json_response(request.app[SANDBOX].snapshot())
+
+
+@control.post("/_sandbox/script")
+async def control_script(request: web.Request) -> web.Response:
+    body = await _body(request)
+    request.app[SANDBOX].script(body["urn"], body.get("outcome"))
+    return json_response({"scripts": request.app[SANDBOX].snapshot()["scripts"]})
+
+
+@control.post("/_sandbox/faults")
+async def control_add_fault(request: web.Request) -> web.Response:
+    fault = request.app[SANDBOX].add_fault(**await _body(request))
+    return json_response(dataclasses.asdict(fault), status=201)
+
+
+@control.delete("/_sandbox/faults")
+async def control_clear_faults(request: web.Request) -> web.Response:
+    request.app[SANDBOX].clear_faults()
+    return json_response({"faults": []})
+
+
+@control.post("/_sandbox/advance")
+async def control_advance(request: web.Request) -> web.Response:
+    sandbox = request.app[SANDBOX]
+    sandbox.advance(float((await _body(request))["seconds"]))
+    return json_response({"now": wire.iso(sandbox.now())})
+
+
+@control.post("/_sandbox/reset")
+async def control_reset(request: web.Request) -> web.Response:
+    request.app[SANDBOX].reset()
+    return json_response({"reset": True})
+
+
+@control.post("/_sandbox/incoming")
+async def control_incoming(request: web.Request) -> web.Response:
+    """`{"url","from","text"}` plus `headers` or a CHT `token`, optionally `run_uuid`."""
+    body = await _body(request)
+    headers = dict(body.get("headers") or {})
+    if body.get("token"):
+        headers = {**cht_headers(str(body["token"])), **headers}
+    outcome = await request.app[SANDBOX].deliver_incoming(
+        str(body["url"]),
+        from_=str(body["from"]),
+        text=str(body["text"]),
+        headers=headers,
+        run_uuid=body.get("run_uuid"),
+    )
+    return json_response(outcome.as_json())
+
+
+@control.post("/_sandbox/config")
+async def control_config(request: web.Request) -> web.Response:
+    """Change config fields; `"rates": "default"` picks the (new) dialect's real rates."""
+    sandbox = request.app[SANDBOX]
+    changes = await _body(request)
+    if changes.get("rates") == "default":
+        changes["rates"] = default_rates(changes.get("dialect", sandbox.config.dialect))
+    if "default_outcome" in changes:
+        changes["default_outcome"] = tuple(changes["default_outcome"])
+    sandbox.configure(**changes)
+    return json_response(sandbox.snapshot()["config"])
+
+
+def build_app(sandbox: Sandbox) -> web.Application:
+    """The sandbox's aiohttp application, serving `sandbox`."""
+    app = web.Application(middlewares=[sandbox_middleware])
+    app[SANDBOX] = sandbox
+    app.router.add_route("*", "/api/v2/{endpoint:[a-z_]+}.json", api)
+    app.router.add_route("*", "/api/v2/{endpoint:[a-z_]+}", api)
+    app.router.add_routes(control)
+    return app
+
+
+@dataclass(frozen=True, slots=True)
+class RunningSandbox:
+    """A sandbox serving HTTP: `url` is the base URL (no trailing slash)."""
+
+    url: str
+    sandbox: Sandbox
+
+    @property
+    def token(self) -> str:
+        return min(self.sandbox.config.tokens)
+
+
+@asynccontextmanager
+async def start_sandbox(
+    config: SandboxConfig | None = None, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[RunningSandbox]:
+    """Serve a new `Sandbox` on `host:port` (0: any free port) until the block exits."""
+    sandbox = Sandbox(config)
+    runner = web.AppRunner(build_app(sandbox), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        if bound_host in ("0.0.0.0", "::"):  # noqa: S104 - reporting, not binding
+            bound_host = "127.0.0.1"
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        yield RunningSandbox(f"http://{shown}:{bound_port}", sandbox)
+    finally:
+        await runner.cleanup()
