@@ -43,7 +43,8 @@ class PouchServer:
         self.port = 0
         self.uuid = ""
 
-    def start(self) -> None:
+    def start(self, port: int | None = None) -> None:
+        """Start the server (on `port`, e.g. to restart it where clients expect it)."""
         node = shutil.which("node")
         if node is None or not POUCHDB_BIN.exists():
             raise RuntimeError("pouchdb-server is not installed: run scripts/bootstrap")
@@ -56,7 +57,7 @@ class PouchServer:
                 "couch_httpd_auth": {"secret": COUCH_SECRET},
             }
             (self.workdir / "config.json").write_text(json.dumps(config))
-            self.port = _free_port()
+            self.port = port or _free_port()
             with self.log_path.open("ab") as log:
                 self.proc = subprocess.Popen(
                     [

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import hashlib
 import re
 import time
 import uuid
@@ -65,6 +66,11 @@ Release = Callable[[], None]
 MAX_WRITE_ROUNDS = 8
 #: Pause after RapidPro refuses our token or URL, unless the configuration changes first.
 CONFIG_PAUSE_S = 60.0
+#: Replicas share the work without a coordinator: each document has a preferred replica
+#: (rendezvous hashing over the replicas seen claiming lately); the others leave it to that
+#: one for HANDOFF_S before claiming it themselves. A lone daemon never waits.
+HANDOFF_S = 0.5
+PEER_TTL_S = 600.0
 _DIGITS = re.compile(r"\+?\d[\d ]{3,}\d")
 
 
@@ -276,6 +282,7 @@ class OutgoingSender:
         self._paused_until = 0.0
         self._pause_target: Target | None = None
         self._pause_reason = ""
+        self._peers: dict[str, float] = {}  # other replicas' instance names, last seen
         self._claim_ttl = timedelta(seconds=settings.claim_ttl_s)
 
     # -- intake ---------------------------------------------------------------------------
@@ -292,8 +299,15 @@ class OutgoingSender:
         doc_id = doc.get("_id")
         if not isinstance(doc_id, str):
             return False
+
+        def malformed(ref: TaskRef, problem: str) -> None:
+            self._metrics.bad_documents.inc()
+            self._log.warning("task_skipped", doc_id=doc_id, task=ref.key, problem=problem)
+
         try:
-            if not sendable_tasks(doc):
+            sendable = sendable_tasks(doc, malformed)
+            self._note_peers(sendable)
+            if not sendable:
                 return False
         except MalformedTaskError as exc:
             self._metrics.bad_documents.inc()
@@ -422,7 +436,11 @@ class OutgoingSender:
         doc_id = str(entry.doc["_id"])
         releases = entry.releases
         try:
-            job = await self._claim(entry.doc, releases)
+            doc: JsonDict | None = entry.doc
+            if not self._preferred(doc_id):
+                await self._sleep(HANDOFF_S)  # its preferred replica may take it meanwhile
+                doc = await self._reread(doc_id)
+            job = await self._claim(doc, releases) if doc is not None else None
             if job is None:
                 return
             await self._send_all(job)
@@ -442,7 +460,10 @@ class OutgoingSender:
         """Which tasks to claim now, and when a live foreign claim expires (to look again)."""
         take: list[SendableTask] = []
         recheck: datetime | None = None
-        for task in sendable_tasks(doc):
+        # Malformed tasks were reported when the document was offered.
+        sendable = sendable_tasks(doc, on_malformed=lambda ref, problem: None)
+        self._note_peers(sendable)
+        for task in sendable:
             claim = task.claim
             if claim is None or claim.instance == self.identity.instance:
                 # Unclaimed, or claimed by this instance: by an earlier boot (crashed) or by
@@ -796,6 +817,26 @@ class OutgoingSender:
                 await self._sleep(backoff.next_delay())
 
     # -- foreign claims -------------------------------------------------------------------
+
+    def _note_peers(self, tasks: list[SendableTask]) -> None:
+        now = time.monotonic()
+        for task in tasks:
+            if task.claim is not None and task.claim.instance != self.identity.instance:
+                self._peers[task.claim.instance] = now
+
+    def _preferred(self, doc_id: str) -> bool:
+        """Whether this replica is the one that should claim `doc_id` first."""
+        cutoff = time.monotonic() - PEER_TTL_S
+        for name in [name for name, seen in self._peers.items() if seen < cutoff]:
+            del self._peers[name]
+        if not self._peers:
+            return True
+
+        def weight(instance: str) -> bytes:
+            return hashlib.blake2b(f"{instance}\x00{doc_id}".encode(), digest_size=8).digest()
+
+        mine = self.identity.instance
+        return max([mine, *self._peers], key=weight) == mine
 
     def _schedule_recheck(self, doc_id: str, at: datetime) -> None:
         """Look at a document again when another replica's claim on it would expire."""

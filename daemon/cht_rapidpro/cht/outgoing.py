@@ -8,7 +8,7 @@ CouchDB's MVCC lets exactly one writer win each claim.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeGuard
@@ -146,6 +146,8 @@ def _messages(task: Mapping[str, Any]) -> tuple[OutgoingMessage, ...]:
         uuid, to, text = message.get("uuid"), message.get("to"), message.get("message")
         if not (js_truthy(uuid) and js_truthy(to) and js_truthy(text)):
             continue  # CHT's views skip these too (e.g. generation errors)
+        # A number where CHT expects a string works in CHT ('tel:' + 12345): do the same.
+        uuid, to = _js_string(uuid), _js_string(to)
         if not isinstance(uuid, str) or not isinstance(to, str) or not isinstance(text, str):
             raise MalformedTaskError("message uuid, to and message must be strings")
         found.append(OutgoingMessage(uuid=uuid, to=to, text=text))
@@ -169,13 +171,32 @@ def iter_tasks(doc: Mapping[str, Any]) -> Iterator[tuple[TaskRef, Mapping[str, A
             yield TaskRef(doc_id, task_list, index), task
 
 
-def sendable_tasks(doc: Mapping[str, Any]) -> list[SendableTask]:
-    """Tasks the send loop must act on, in CHT's order."""
+def _js_string(value: Any) -> Any:
+    """Numbers as JS's String() writes integers; anything else unchanged."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def sendable_tasks(
+    doc: Mapping[str, Any], on_malformed: Callable[[TaskRef, str], None] | None = None
+) -> list[SendableTask]:
+    """Tasks the send loop must act on, in CHT's order.
+
+    A malformed task raises MalformedTaskError, or, given `on_malformed`, is reported there
+    and skipped so that the document's other tasks still go out.
+    """
     found = []
     for ref, task in iter_tasks(doc):
         if task.get("state") not in SENDABLE_STATES:
             continue
-        messages = _messages(task)
+        try:
+            messages = _messages(task)
+        except MalformedTaskError as exc:
+            if on_malformed is None:
+                raise
+            on_malformed(ref, str(exc))
+            continue
         if messages:
             found.append(SendableTask(ref=ref, messages=messages, claim=find_claim(task)))
     return found
