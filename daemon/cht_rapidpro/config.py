@@ -358,6 +358,13 @@ class Settings:
                 problems.append(f"{source}: {exc}")
         for unknown in sorted(file_values):
             problems.append(f"{unknown} (config file): unknown setting")
+        ttl = values.get("claim_ttl_s", DEFAULTS["claim_ttl_s"])
+        send_timeout = values.get("send_timeout_s", DEFAULTS["send_timeout_s"])
+        if ttl < 2 * send_timeout:
+            problems.append(
+                f"{PREFIX}CLAIM_TTL ({ttl:g}) must be at least twice {PREFIX}SEND_TIMEOUT "
+                f"({send_timeout:g}): a claim must outlive any send made under it"
+            )
         if problems:
             raise ConfigError(problems)
         if not values.get("instance"):

@@ -29,6 +29,8 @@ from .logs import get_logger
 from .metrics import Metrics
 from .outbound import Identity, OutgoingSender
 from .rapidpro.client import RapidProClient
+from .replicas import PREFIX as REPLICA_PREFIX
+from .replicas import Presence
 from .retry import Backoff, sleep_or_wake
 from .status import InFlightIndex, StatusPoller
 
@@ -36,7 +38,10 @@ from .status import InFlightIndex, StatusPoller
 class Dispatcher:
     """Routes each document (from the feed or a sweep) to whoever must act on it."""
 
-    def __init__(self, cht: ChtConfig, sender: OutgoingSender, index: InFlightIndex) -> None:
+    def __init__(
+        self, cht: ChtConfig, sender: OutgoingSender, index: InFlightIndex, presence: Presence
+    ) -> None:
+        self._presence = presence
         self._cht = cht
         self._sender = sender
         self._index = index
@@ -60,6 +65,9 @@ class Dispatcher:
             self._cht.apply_settings_doc(doc)
             return
         if not isinstance(doc_id, str) or doc_id.startswith("_design/"):
+            return
+        if doc_id.startswith(REPLICA_PREFIX):
+            self._presence.handle_doc(doc)
             return
         if "tasks" not in doc and "scheduled_tasks" not in doc:
             self._index.remove_doc(doc_id)
@@ -167,6 +175,7 @@ class Gateway:
         self.writer = BulkWriter(couch)
         self.index = InFlightIndex()
         self.identity = identity or Identity.new(settings.instance)
+        self.presence = Presence(couch, settings.instance)
         self.sender = OutgoingSender(
             couch=couch,
             writer=self.writer,
@@ -175,6 +184,7 @@ class Gateway:
             settings=settings,
             identity=self.identity,
             metrics=metrics,
+            presence=self.presence,
             is_taken=self.index.has_ref,
         )
         self.poller = StatusPoller(
@@ -186,7 +196,7 @@ class Gateway:
             index=self.index,
             metrics=metrics,
         )
-        self.dispatcher = Dispatcher(self.cht, self.sender, self.index)
+        self.dispatcher = Dispatcher(self.cht, self.sender, self.index, self.presence)
         self.sweeper = Sweeper(couch, self.dispatcher)
         self.follower = ChangesFollower(
             couch,
@@ -259,18 +269,24 @@ class Gateway:
                 "read credentials", lambda: self.cht.refresh_credentials(force=True)
             )
             await self._retrying("load checkpoint", self.follower.load_checkpoint)
+            await self._retrying("announce replica", self._join)
             self.started.set()
             self._spawn("feed", self.follower.run(self.stop_event))
             self._spawn("sender", self.sender.run())
             self._spawn("poller", self.poller.run(self.stop_event))
             self._spawn("credentials", self.cht.run(self.stop_event))
             self._spawn("sweeps", self._sweeps())
+            self._spawn("presence", self.presence.run(self.stop_event))
             self._log.info(
                 "gateway_running",
                 instance=self.settings.instance,
                 boot=self.identity.boot,
                 resumed=self.follower.resumed,
             )
+
+    async def _join(self) -> None:
+        await self.presence.load()
+        await self.presence.announce()
 
     async def _sweeps(self) -> None:
         """Sweep at start (when resuming) and whenever sending is switched back on."""
@@ -308,6 +324,11 @@ class Gateway:
             await self.follower.save_checkpoint()
         except GatewayError as exc:
             self._log.warning("checkpoint_not_saved", error=str(exc))
+        if self.started.is_set():
+            try:  # peers stop leaving this replica's documents to it
+                await asyncio.wait_for(self.presence.announce(stopped=True), 2.0)
+            except (GatewayError, TimeoutError) as exc:
+                self._log.warning("replica_leave_not_written", error=str(exc))
         self._log.info("gateway_stopped", checkpoint=self.follower.saved is not None)
 
     # -- health ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .cht.records import create_by_form
 from .chtconfig import ChtConfig
 from .couch.client import CouchClient
 from .errors import ConflictError, GatewayError
@@ -130,8 +131,6 @@ class IncomingWebhook:
             "message": message["content"],
             "gateway_ref": message["id"],
         }
-        from .cht.records import create_by_form  # TEMP until records lands
-
         settings = self._cht.app_settings
         try:
             return create_by_form(data, settings=settings)

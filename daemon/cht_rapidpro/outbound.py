@@ -59,6 +59,7 @@ from .logs import get_logger
 from .metrics import Metrics
 from .rapidpro.client import RapidProClient
 from .rapidpro.models import Broadcast, Target
+from .replicas import Presence
 from .retry import Backoff, sleep_or_wake
 
 Release = Callable[[], None]
@@ -67,10 +68,9 @@ MAX_WRITE_ROUNDS = 8
 #: Pause after RapidPro refuses our token or URL, unless the configuration changes first.
 CONFIG_PAUSE_S = 60.0
 #: Replicas share the work without a coordinator: each document has a preferred replica
-#: (rendezvous hashing over the replicas seen claiming lately); the others leave it to that
-#: one for HANDOFF_S before claiming it themselves. A lone daemon never waits.
+#: (rendezvous hashing over the live replicas, see `replicas.py`); the others leave it to
+#: that one for HANDOFF_S before claiming it themselves. A lone daemon never waits.
 HANDOFF_S = 0.5
-PEER_TTL_S = 600.0
 _DIGITS = re.compile(r"\+?\d[\d ]{3,}\d")
 
 
@@ -148,6 +148,10 @@ class _Entry:
 
 class _Stopping(Exception):
     """Raised inside a job when the daemon is shutting down."""
+
+
+class _TaskLost(Exception):
+    """Our claim on a task was replaced: its messages must not be posted by us."""
 
 
 class _Abandon(Exception):
@@ -252,6 +256,7 @@ class OutgoingSender:
         settings: Settings,
         identity: Identity,
         metrics: Metrics,
+        presence: Presence,
         is_taken: Callable[[Any], bool] = lambda _ref: False,
         max_active: int = 256,
     ) -> None:
@@ -262,6 +267,7 @@ class OutgoingSender:
         self._settings = settings
         self.identity = identity
         self._metrics = metrics
+        self._presence = presence
         self._max_active = max_active
         self._log = get_logger(component="sender")
         self._reconciler = Reconciler(
@@ -282,7 +288,6 @@ class OutgoingSender:
         self._paused_until = 0.0
         self._pause_target: Target | None = None
         self._pause_reason = ""
-        self._peers: dict[str, float] = {}  # other replicas' instance names, last seen
         self._claim_ttl = timedelta(seconds=settings.claim_ttl_s)
 
     # -- intake ---------------------------------------------------------------------------
@@ -543,8 +548,9 @@ class OutgoingSender:
     def _settle_until(self, prior: Claim | None, now: datetime) -> float:
         """When a POST by the earlier claimant must have reached RapidPro, as monotonic time.
 
-        A claimant posts only while its claim is younger than TTL/2 (it renews first), and a
-        POST it started lands at most SEND_TIMEOUT later. Takeovers after the TTL need no wait;
+        A claimant posts only while its claim is younger than TTL/4 (it renews first), and a
+        POST it started lands at most SEND_TIMEOUT later; TTL/2 leaves room for a stalled
+        process. Takeovers after the TTL need no wait;
         a restart after a crash may.
         """
         if prior is None or prior.at is None:
@@ -571,15 +577,17 @@ class OutgoingSender:
         )
 
     async def _send_all(self, job: DocJob) -> None:
-        for task in job.tasks:
-            for message in task.messages:
-                while message.result is None:
-                    await self._attempt(job, task, message)
+        for task in list(job.tasks):
+            try:
+                for message in task.messages:
+                    while message.result is None:
+                        await self._attempt(job, task, message)
+            except _TaskLost:
+                self._log.warning("claim_lost", doc_id=job.doc["_id"], task=task.ref.key)
 
     async def _attempt(self, job: DocJob, task: TaskJob, message: MessageJob) -> None:
         doc_id = str(job.doc["_id"])
         target = await self._ready()
-        await self._renew_if_stale(job)
         log = self._log.bind(doc_id=doc_id, message_uuid=message.message.uuid)
         message.attempts += 1
         if message.uncertain:
@@ -599,7 +607,12 @@ class OutgoingSender:
             async with self._send_slots:
                 if self._stopping:
                     raise _Stopping
-                broadcast = await self._rapidpro.send_broadcast(target, [message.urn], message.text)
+                broadcast = await self._rapidpro.send_broadcast(
+                    target,
+                    [message.urn],
+                    message.text,
+                    before_request=lambda: self._still_ours(job, task),
+                )
         except PermanentError as exc:
             if isinstance(exc, AuthError | UpstreamConfigError):
                 self._pause_for_config(target, exc)
@@ -712,9 +725,19 @@ class OutgoingSender:
         if await sleep_or_wake(self._stop_event, seconds) or self._stopping:
             raise _Stopping
 
+    async def _still_ours(self, job: DocJob, task: TaskJob) -> None:
+        await self._renew_if_stale(job)
+        if task not in job.tasks:
+            raise _TaskLost  # another writer took this task meanwhile: do not post
+
     async def _renew_if_stale(self, job: DocJob) -> None:
-        """Re-write our claims before they could look abandoned to another replica."""
-        if time.monotonic() - job.claimed_at < self._claim_ttl.total_seconds() / 2:
+        """Before a POST: re-write our claims unless they are younger than TTL/4.
+
+        So every POST starts within TTL/4 of a claim write that CouchDB accepted, and lands
+        within TTL/4 + SEND_TIMEOUT; another replica takes a claim over only after TTL, and
+        looks the message up in RapidPro before sending it (see `_settle_until`).
+        """
+        if time.monotonic() - job.claimed_at < self._claim_ttl.total_seconds() / 4:
             return
         details = claim_details(self.identity.instance, self.identity.boot)
 
@@ -819,24 +842,21 @@ class OutgoingSender:
     # -- foreign claims -------------------------------------------------------------------
 
     def _note_peers(self, tasks: list[SendableTask]) -> None:
-        now = time.monotonic()
         for task in tasks:
-            if task.claim is not None and task.claim.instance != self.identity.instance:
-                self._peers[task.claim.instance] = now
+            if task.claim is not None and task.claim.at is not None:
+                self._presence.note(task.claim.instance, task.claim.at)
 
     def _preferred(self, doc_id: str) -> bool:
         """Whether this replica is the one that should claim `doc_id` first."""
-        cutoff = time.monotonic() - PEER_TTL_S
-        for name in [name for name, seen in self._peers.items() if seen < cutoff]:
-            del self._peers[name]
-        if not self._peers:
+        peers = self._presence.peers()
+        if not peers:
             return True
 
         def weight(instance: str) -> bytes:
             return hashlib.blake2b(f"{instance}\x00{doc_id}".encode(), digest_size=8).digest()
 
         mine = self.identity.instance
-        return max([mine, *self._peers], key=weight) == mine
+        return max([mine, *peers], key=weight) == mine
 
     def _schedule_recheck(self, doc_id: str, at: datetime) -> None:
         """Look at a document again when another replica's claim on it would expire."""

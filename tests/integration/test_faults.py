@@ -75,7 +75,7 @@ async def start_daemon_process(
         "CHT_RAPIDPRO_POLL_INTERVAL": "0.5",
         "CHT_RAPIDPRO_CHECKPOINT_INTERVAL": "0.2",
         "CHT_RAPIDPRO_SEND_TIMEOUT": "2",
-        "CHT_RAPIDPRO_CLAIM_TTL": "4",
+        "CHT_RAPIDPRO_CLAIM_TTL": "8",
         "CHT_RAPIDPRO_RETRY_MAX": "1",
         "CHT_RAPIDPRO_LOG_FORMAT": "logfmt",
     }

@@ -374,3 +374,9 @@ def test_settings_are_frozen() -> None:
     settings = Settings.from_env(BASE)
     with pytest.raises(AttributeError):
         settings.listen_port = 1  # type: ignore[misc]
+
+
+def test_claim_ttl_must_outlive_a_send() -> None:
+    env = {**BASE, "CHT_RAPIDPRO_CLAIM_TTL": "30", "CHT_RAPIDPRO_SEND_TIMEOUT": "20"}
+    (problem,) = problems(env)
+    assert problem.startswith("CHT_RAPIDPRO_CLAIM_TTL (30) must be at least twice")

@@ -198,8 +198,8 @@ def test_documents_with_nothing_to_send(document: dict[str, Any]) -> None:
         doc(tasks=[{"state": "pending", "messages": {"uuid": "u"}}]),
         doc(tasks=[{"state": "pending", "messages": "hello"}]),
         doc(tasks=[task("pending", "hello")]),  # type: ignore[arg-type]
-        doc(tasks=[task("pending", message(1, uuid=123))]),
-        doc(tasks=[task("pending", message(1, to=254700000001))]),
+        doc(tasks=[task("pending", message(1, uuid=1.5))]),
+        doc(tasks=[task("pending", message(1, to=["254700000001"]))]),
         doc(tasks=[task("pending", message(1, message=["hello"]))]),
         doc(
             tasks=[
@@ -220,8 +220,8 @@ def test_documents_with_nothing_to_send(document: dict[str, Any]) -> None:
         "messages-is-object",
         "messages-is-string",
         "message-is-string",
-        "uuid-is-number",
-        "to-is-number",
+        "uuid-is-float",
+        "to-is-array",
         "text-is-array",
         "claimed-task-history-not-a-list",
     ],
@@ -229,6 +229,22 @@ def test_documents_with_nothing_to_send(document: dict[str, Any]) -> None:
 def test_malformed_sendable_tasks_raise(document: dict[str, Any]) -> None:
     with pytest.raises(MalformedTaskError):
         sendable_tasks(document)
+
+
+def test_integer_uuid_and_to_are_sent_as_js_strings() -> None:
+    # CHT builds 'tel:' + to, so a number works there; it works here too.
+    document = doc(tasks=[task("pending", message(1, uuid=123, to=254700000001))])
+    [sendable] = sendable_tasks(document)
+    [outgoing] = sendable.messages
+    assert (outgoing.uuid, outgoing.to) == ("123", "254700000001")
+
+
+def test_malformed_tasks_can_be_skipped_one_by_one() -> None:
+    document = doc(tasks=[{"state": "pending", "messages": "oops"}, task("pending", message(1))])
+    problems: list[tuple[str, str]] = []
+    found = sendable_tasks(document, lambda ref, problem: problems.append((ref.key, problem)))
+    assert refs(found) == [("tasks", 1)]
+    assert problems == [("doc-1/tasks/0", "messages is not a list")]
 
 
 def test_malformed_messages_in_unsendable_tasks_are_ignored() -> None:

@@ -255,6 +255,32 @@ class CouchClient:
         with mapped_errors(f"write {doc_id}"):
             await doc.save()
 
+    async def put(self, body: JsonDict) -> None:
+        """Create or overwrite a small document of our own (last writer wins)."""
+        for _ in range(3):
+            current = await self.get(body["_id"])
+            data = {k: v for k, v in body.items() if k != "_rev"}
+            if current is not None:
+                data["_rev"] = current["_rev"]
+            [result] = await self.bulk_write([data])
+            if not result.conflict:
+                if not result.ok:
+                    raise RetryableError(f"write {body['_id']}: {result.error}")
+                return
+        raise ConflictError(f"write {body['_id']}: kept conflicting")
+
+    async def docs_with_prefix(self, prefix: str) -> list[JsonDict]:
+        """Documents whose `_id` starts with `prefix` (one `_all_docs` range read)."""
+        params = {
+            "startkey": json.dumps(prefix),
+            "endkey": json.dumps(prefix + "\ufff0"),
+            "include_docs": "true",
+        }
+        body = await self._request_json(
+            "GET", self._url(self.target.db, "_all_docs"), "list docs", params=params
+        )
+        return [row["doc"] for row in body.get("rows", []) if isinstance(row.get("doc"), dict)]
+
     # -- changes feed ---------------------------------------------------------------------
 
     async def changes(

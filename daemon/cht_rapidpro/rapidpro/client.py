@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -136,6 +136,7 @@ class RapidProClient:
         what: str,
         body: Any = None,
         wait_for_budget: bool = True,
+        before_request: Callable[[], Awaitable[None]] | None = None,
     ) -> Any:
         if wait_for_budget:
             await self.budget.acquire(scope)
@@ -143,6 +144,8 @@ class RapidProClient:
             raise RetryableError(
                 f"{what}: client-side budget used up", retry_after=self.budget.wait_time(scope)
             )
+        if before_request is not None:
+            await before_request()  # the caller's last word, however long the budget took
         headers = self._headers(target)
         data = None
         if body is not None:
@@ -186,8 +189,18 @@ class RapidProClient:
             )
         raise error
 
-    async def send_broadcast(self, target: Target, urns: Sequence[str], text: str) -> Broadcast:
+    async def send_broadcast(
+        self,
+        target: Target,
+        urns: Sequence[str],
+        text: str,
+        *,
+        before_request: Callable[[], Awaitable[None]] | None = None,
+    ) -> Broadcast:
         """POST /api/v2/broadcasts.json; the text goes as given (escape `@` before).
+
+        `before_request` runs once the request is allowed to go, just before it does (the
+        sender re-checks its claim there); an exception from it cancels the request.
 
         Raises:
             PermanentError: 400, the message can never be sent as it is (summary inside).
@@ -201,6 +214,7 @@ class RapidProClient:
             scope=BROADCASTS,
             what="send broadcast",
             body={"urns": list(urns), "text": text},
+            before_request=before_request,
         )
         if not isinstance(body, dict) or body.get("id") in (None, ""):
             # 2xx without an id: a proxy or an unexpected server. We can't tell whether a
