@@ -6,6 +6,7 @@ This is the only module that constructs and connects components.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -122,6 +123,25 @@ def build_app(
     return app
 
 
+def _start_watchdog(gateway: Gateway) -> asyncio.Task[None] | None:
+    """Feed systemd's watchdog (WatchdogSec=) while the changes feed loop makes progress."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    if not usec.isdigit() or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+        return None
+    limit_s = int(usec) / 1_000_000
+
+    async def feed() -> None:
+        while True:
+            stalled = gateway.follower.stalled_s()
+            if stalled < limit_s:
+                systemd.notify("WATCHDOG=1")
+            else:
+                log.error("watchdog_starved", feed_request_s=round(stalled, 1))
+            await asyncio.sleep(limit_s / 3)
+
+    return asyncio.get_running_loop().create_task(feed(), name="watchdog")
+
+
 async def serve(settings: Settings) -> int:
     """Run the daemon until SIGTERM/SIGINT or a fatal error; returns the exit code."""
     stop = asyncio.Event()
@@ -154,7 +174,10 @@ async def serve(settings: Settings) -> int:
             return 71  # EX_OSERR: systemd retries (the old process may still hold the port)
         systemd.notify("READY=1")
         log.info("gateway_started", listen=f"{settings.listen_host}:{settings.listen_port}")
+        watchdog = _start_watchdog(gateway_of(runner.app))
         await stop.wait()
+        if watchdog is not None:
+            watchdog.cancel()
         systemd.notify("STOPPING=1")
         log.info("gateway_stopping", exit_code=exit_code)
     finally:

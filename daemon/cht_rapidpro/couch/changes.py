@@ -120,6 +120,7 @@ class ChangesFollower:
         self.saved_at: float | None = None
         self.resumed = False  # started from a stored checkpoint
         self.caught_up_at: float | None = None  # monotonic time the feed last reached the tip
+        self._fetch_started: float | None = None
         self.live = False  # the last request succeeded
         self.problem: str | None = None
         self.rows = 0
@@ -170,8 +171,23 @@ class ChangesFollower:
             with contextlib.suppress(asyncio.CancelledError):
                 await saver
 
+    def stalled_s(self) -> float:
+        """How long the current feed request has been waiting (0 between requests).
+
+        A request ends within its read timeout, so a long stall means a stuck loop: the
+        systemd watchdog stops being fed and systemd restarts the daemon.
+        """
+        return 0.0 if self._fetch_started is None else time.monotonic() - self._fetch_started
+
     async def _fetch(self, stop: asyncio.Event) -> Any:
         """One feed request, abandoned as soon as `stop` is set."""
+        self._fetch_started = time.monotonic()
+        try:
+            return await self._fetch_once(stop)
+        finally:
+            self._fetch_started = None
+
+    async def _fetch_once(self, stop: asyncio.Event) -> Any:
         request = asyncio.ensure_future(
             self._couch.changes(self.since, limit=self._batch, heartbeat_s=self._heartbeat_s)
         )
