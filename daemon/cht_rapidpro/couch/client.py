@@ -19,7 +19,6 @@ from urllib.parse import quote
 import aiocouch
 import aiocouch.exception
 import aiohttp
-from aiocouch.bulk import BulkOperation
 from aiocouch.document import Document
 
 from ..config import CouchTarget
@@ -219,19 +218,26 @@ class CouchClient:
     async def bulk_write(self, docs: Sequence[JsonDict]) -> list[WriteResult]:
         """Write documents with `_bulk_docs`; conflicts come back per row, not raised.
 
-        A written dict gets its new `_rev` (aiocouch updates the data it was given).
+        A written dict gets its new `_rev`. Plain HTTP rather than aiocouch's BulkOperation,
+        which asserts (and so crashes the caller) on a response it does not expect, as a
+        restarting server can send.
         """
         if not docs:
             return []
-        with mapped_errors("bulk write"):
-            async with BulkOperation(self.db) as bulk:
-                for body in docs:
-                    bulk.append(Document(self.db, body["_id"], data=body))
-        rows = bulk.response or []
-        return [
-            WriteResult(id=row.get("id", ""), rev=row.get("rev"), error=row.get("error"))
-            for row in rows
-        ]
+        rows = await self._request_json(
+            "POST", self._url(self.target.db, "_bulk_docs"), "bulk write", body={"docs": list(docs)}
+        )
+        if not isinstance(rows, list) or len(rows) != len(docs):
+            raise RetryableError("bulk write: CouchDB answered with an unexpected body")
+        results = []
+        for body, row in zip(docs, rows, strict=True):
+            if not isinstance(row, dict) or row.get("id") != body["_id"]:
+                raise RetryableError("bulk write: CouchDB answered rows out of order")
+            result = WriteResult(id=row["id"], rev=row.get("rev"), error=row.get("error"))
+            if result.ok:
+                body["_rev"] = result.rev
+            results.append(result)
+        return results
 
     async def create(self, body: JsonDict) -> str:
         """Create a document with a chosen `_id`; ConflictError if that id exists."""
