@@ -57,7 +57,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         budget = Budget(
             {BROADCASTS: settings.broadcasts_per_hour, MESSAGES: settings.messages_per_hour}
         )
-        rapidpro = RapidProClient(session, budget, timeout_s=settings.send_timeout_s)
+        rapidpro = RapidProClient(
+            session, budget, timeout_s=settings.send_timeout_s, metrics=app[METRICS]
+        )
         gateway = Gateway(
             settings=settings,
             couch=couch,

@@ -194,6 +194,7 @@ class StatusPoller:
         self._metrics.in_flight.set(len(self.index))
         report.tracked = len(self.index)
         if not self.index.by_task:
+            self._metrics.status_polls.inc()  # a round, with nothing to ask RapidPro
             return report
         stamps = [t.task.sent_at or now for t in self.index.by_task.values()]
         young = [s for s in stamps if (now - s).total_seconds() < YOUNG_S]

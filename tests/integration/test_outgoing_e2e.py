@@ -343,3 +343,62 @@ async def test_many_messages_each_sent_exactly_once(
     texts = Counter(b.text for b in rapidpro.sandbox.posted_broadcasts())
     assert len(texts) == len(docs)
     assert set(texts.values()) == {1}
+
+
+async def test_cht3_config_credential_sends(
+    couch: CouchAdmin, rapidpro: Any, daemon_factory: Any, config_credential: Any
+) -> None:
+    await couch.put_settings(**rapidpro_settings(rapidpro.url))
+    await config_credential("rapidpro:outgoing", DEFAULT_TOKEN)
+    doc = await couch.put(message_doc([task("+254700000081", "via 3.x credential")]))
+    await daemon_factory()
+    await wait_states(couch, doc["_id"], ["delivered"])
+    [request] = [r for r in rapidpro.sandbox.requests if r.method == "POST"]
+    assert request.status == 201
+
+
+async def test_nothing_to_track_means_no_status_requests(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    # spec §6.6 case 63: these states (and in-flight states without a gateway_ref) are not polled.
+    states = ["scheduled", "muted", "duplicate", "cleared", "sent", "received-by-gateway"]
+    await cht.put(
+        message_doc([task(f"+2547000001{n}", "x", state=s) for n, s in enumerate(states)])
+    )
+    daemon = await daemon_factory()
+    polls = daemon.gateway.metrics.status_polls
+    await eventually(lambda: asyncio.sleep(0, polls._value.get()), lambda n: n >= 3,
+                     what="three poll rounds")  # fmt: skip
+    assert rapidpro.sandbox.count_requests("GET", "messages.json") == 0
+    assert rapidpro.sandbox.count_requests("POST") == 0
+
+
+async def test_throttled_status_polls_back_off_and_finish(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    rapidpro.sandbox.add_fault(
+        method="GET", path="messages.json", status=429, retry_after=1, count=3
+    )
+    doc = await cht.put(message_doc([task("+254700000091", "polled through 429s")]))
+    await daemon_factory()
+    await wait_states(cht, doc["_id"], ["delivered"], within=30)
+    throttled = [r for r in rapidpro.sandbox.requests if r.status == 429]
+    assert len(throttled) == 3
+
+
+async def test_health_and_metrics_endpoints(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    import aiohttp
+
+    doc = await cht.put(message_doc([task("+254700000095", "counted")]))
+    daemon = await daemon_factory()
+    await wait_states(cht, doc["_id"], ["delivered"])
+    async with aiohttp.ClientSession() as session:
+        async with session.get(daemon.url + "/healthz") as resp:
+            assert (resp.status, await resp.json()) == (200, {"status": "ok", "problems": []})
+        async with session.get(daemon.url + "/metrics") as resp:
+            text = await resp.text()
+    assert "chtrp_messages_sent_total 1.0" in text
+    assert "chtrp_messages_delivered_total 1.0" in text
+    assert "chtrp_rapidpro_requests_total{" in text

@@ -25,6 +25,7 @@ from ..errors import (
     RetryableError,
     UpstreamConfigError,
 )
+from ..metrics import Metrics
 from .models import Broadcast, Message, Target
 from .throttle import BROADCASTS, MESSAGES, Budget
 
@@ -112,8 +113,10 @@ class RapidProClient:
         *,
         timeout_s: float,
         user_agent: str = USER_AGENT,
+        metrics: Metrics | None = None,
     ) -> None:
         self._session = session
+        self._metrics = metrics
         self.budget = budget
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s))
         self._user_agent = user_agent
@@ -153,6 +156,8 @@ class RapidProClient:
             data = json.dumps(body, ensure_ascii=False).encode("utf-8")
         is_post = method == "POST"
         self.requests += 1
+        if self._metrics is not None:
+            self._metrics.rapidpro_requests.labels(scope).inc()
         try:
             async with self._session.request(
                 method,
@@ -183,6 +188,8 @@ class RapidProClient:
         error = classify(status, parsed, resp_headers, is_post=is_post, what=what)
         if status == 429:
             assert isinstance(error, RetryableError)
+            if self._metrics is not None:
+                self._metrics.rapidpro_throttled.labels(scope).inc()
             self.budget.block(
                 scope,
                 DEFAULT_RETRY_AFTER_S if error.retry_after is None else error.retry_after,
