@@ -18,6 +18,7 @@ from typing import Any
 from yarl import URL
 
 from .cht import credentials as creds
+from .cht.translations import DEFAULT_TRANSLATIONS, Translator
 from .couch.client import CouchClient, NotFoundError
 from .errors import AuthError, GatewayError
 from .logs import get_logger
@@ -25,6 +26,7 @@ from .rapidpro.models import Target
 from .retry import sleep_or_wake
 
 SECRET_LOCATIONS = (("couch_httpd_auth", "secret"), ("chttpd_auth", "secret"))
+TRANSLATIONS_PREFIX = "messages-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,7 @@ class ChtConfig:
         self.app_settings: dict[str, Any] = {}
         self.settings_rev: str | None = None
         self.settings_loaded = False
+        self._translations: dict[str, dict[str, str]] = {}
         self._outgoing: CredentialRead = CredentialRead(None, None, None)
         self._incoming: CredentialRead = CredentialRead(None, None, None)
         self._read_at = 0.0
@@ -120,6 +123,33 @@ class ChtConfig:
                 "settings_missing",
                 hint="no 'settings' doc in the medic db: is COUCH_URL pointing at CHT's db?",
             )
+
+    async def load_translations(self) -> None:
+        """CHT's translation documents (`messages-<locale>`), for report error texts."""
+        for doc in await self._couch.docs_with_prefix(TRANSLATIONS_PREFIX):
+            self.apply_translations_doc(doc)
+
+    def apply_translations_doc(self, doc: Mapping[str, Any]) -> None:
+        """Take a translations document (`generic` + `custom` texts; older CHT: `values`)."""
+        code = doc.get("code")
+        if doc.get("type") != "translations" or not isinstance(code, str):
+            return
+        if doc.get("_deleted"):
+            self._translations.pop(code, None)
+            return
+        values: dict[str, str] = {}
+        for part in ("values", "generic", "custom"):
+            texts = doc.get(part)
+            if isinstance(texts, dict):
+                values.update({k: v for k, v in texts.items() if isinstance(v, str)})
+        self._translations[code] = values
+
+    def translator(self) -> Translator:
+        """CHT's `config.translate` with the loaded translations (English defaults beneath)."""
+        cache = {locale: dict(texts) for locale, texts in DEFAULT_TRANSLATIONS.items()}
+        for locale, texts in self._translations.items():
+            cache.setdefault(locale, {}).update(texts)
+        return Translator(self.app_settings, cache)
 
     def apply_settings_doc(self, doc: Mapping[str, Any]) -> None:
         """Take a new revision of the `settings` doc (from the changes feed)."""

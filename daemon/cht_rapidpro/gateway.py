@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .cht.state import IN_FLIGHT_STATES
-from .chtconfig import ChtConfig
+from .chtconfig import TRANSLATIONS_PREFIX, ChtConfig
 from .config import Settings
 from .couch.changes import ChangesFollower, FatalError, Page
 from .couch.client import BulkWriter, CouchClient, JsonDict
@@ -68,6 +68,9 @@ class Dispatcher:
             return
         if doc_id.startswith(REPLICA_PREFIX):
             self._presence.handle_doc(doc)
+            return
+        if doc_id.startswith(TRANSLATIONS_PREFIX):
+            self._cht.apply_translations_doc(doc)
             return
         if "tasks" not in doc and "scheduled_tasks" not in doc:
             self._index.remove_doc(doc_id)
@@ -265,6 +268,7 @@ class Gateway:
     async def _startup(self) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await self._retrying("load settings", self.cht.load_settings)
+            await self._retrying("load translations", self.cht.load_translations)
             await self._retrying(
                 "read credentials", lambda: self.cht.refresh_credentials(force=True)
             )

@@ -133,7 +133,7 @@ class IncomingWebhook:
         }
         settings = self._cht.app_settings
         try:
-            return create_by_form(data, settings=settings)
+            return create_by_form(data, settings=settings, translate=self._cht.translator())
         except Exception as exc:
             # A parser bug must not lose the SMS: keep it as a free-text message, as CHT
             # stores text that matches no form. Only the error type is logged (no content).

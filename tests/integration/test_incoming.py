@@ -283,3 +283,26 @@ async def test_sms_from_the_sandbox_flow_becomes_a_report(
     [doc] = await reports(couch)
     assert doc["fields"] == {"some_data": "from the flow"}
     assert doc["sms_message"]["gateway_ref"] == outcome.run_uuid
+
+
+async def test_error_texts_use_cht_translation_documents(
+    couch: CouchAdmin, daemon_factory: Any
+) -> None:
+    await couch.put(
+        {
+            "_id": "messages-fr",
+            "type": "translations",
+            "code": "fr",
+            "generic": {"sys.missing_fields": "Champs manquants : {{fields}}."},
+        }
+    )
+    await couch.put_settings(forms={"FORM": FORM}, locale="fr")
+    await couch.put_vault_credential("rapidpro:incoming", INCOMING_KEY)
+    daemon = await daemon_factory()
+    await eventually(lambda: asyncio.sleep(0, daemon.gateway.started.is_set()))
+    body = {"id": "fr-1", "from": "+50689999999", "content": "FORM"}
+    assert await post(daemon.url + V2, body, headers=AUTH) == (200, {"saved": 1})
+    [doc] = await reports(couch)
+    assert doc["errors"] == [
+        {"code": "sys.missing_fields", "message": "Champs manquants : some_data."}
+    ]
