@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test server runner and document builders
@@ -29,6 +30,21 @@ from pouchdb import PouchServer  # noqa: E402
 from support import CouchAdmin, CouchServer, message_doc, rapidpro_settings, task  # noqa: E402
 
 FINAL = ("delivered", "failed")
+INCOMING_KEY = "demo-incoming-key"
+WEBHOOK = "/api/v2/sms/rapidpro/incoming-messages"
+DEMO_FORMS = {
+    "VISIT": {
+        "meta": {"code": "VISIT", "label": "Home visit"},
+        "fields": {
+            "patient_id": {
+                "labels": {"short": "Patient ID", "tiny": "id"},
+                "type": "string",
+                "required": True,
+            },
+            "symptom": {"labels": {"short": "Symptom", "tiny": "s"}, "type": "string"},
+        },
+    }
+}
 TEXTS = [
     "Reminder: immunisation visit for baby Achieng is due tomorrow.",
     "ANC visit due this week for household 12.",
@@ -82,6 +98,25 @@ async def follow(couch: CouchAdmin, doc_ids: list[str], *, once: bool) -> bool:
         await asyncio.sleep(0.2)
 
 
+async def incoming(couch: CouchAdmin, rapidpro: Any, port: int) -> bool:
+    """A health worker's SMS report, delivered the way a RapidPro flow calls the webhook."""
+    text = "VISIT 12345 fever"
+    say(f"simulated incoming SMS through the sandbox's flow webhook: {text!r}")
+    outcome = await rapidpro.sandbox.deliver_incoming(
+        f"http://127.0.0.1:{port}{WEBHOOK}",
+        from_="+254712345678",
+        text=text,
+        headers={"Authorization": f"Token {INCOMING_KEY}", "Content-Type": "application/json"},
+    )
+    say(f"webhook answered {outcome.status} {outcome.body}")
+    doc = await couch.get(f"sms-rapidpro:{outcome.run_uuid}")
+    if doc is None:
+        say("no report was stored")
+        return False
+    say(f"stored report {doc['_id']}: form={doc.get('form')} fields={doc.get('fields')}")
+    return outcome.status == 200
+
+
 async def demo(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="cht-rapidpro-demo-"))
     pouch = PouchServer(workdir)
@@ -93,8 +128,9 @@ async def demo(args: argparse.Namespace) -> int:
         async with start_sandbox(SandboxConfig(step_seconds=args.step)) as rapidpro:
             say(f"RapidPro sandbox on {rapidpro.url}  (token {DEFAULT_TOKEN[:6]}…)")
             await couch.create_db()
-            await couch.put_settings(**rapidpro_settings(rapidpro.url))
+            await couch.put_settings(**rapidpro_settings(rapidpro.url, forms=DEMO_FORMS))
             await couch.put_vault_credential("rapidpro:outgoing", DEFAULT_TOKEN)
+            await couch.put_vault_credential("rapidpro:incoming", INCOMING_KEY)
             say("medic db seeded: app settings (sms.outgoing_service=rapidpro), vault credential")
 
             port = _free_port()
@@ -129,6 +165,8 @@ async def demo(args: argparse.Namespace) -> int:
                 say(f"wrote {args.messages} pending messages (batch {batch})")
                 ok = await follow(couch, doc_ids, once=True)
                 say(f"batch {batch}: all {'delivered' if ok else 'final'}")
+                if batch == 1:
+                    ok = await incoming(couch, rapidpro, port) and ok
                 if args.once:
                     return 0 if ok else 1
                 say("Ctrl-C to stop; next batch in 5 s")

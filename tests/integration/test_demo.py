@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def test_demo_shows_messages_reaching_delivered() -> None:
+async def test_demo_shows_messages_delivered_and_an_sms_parsed() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "scripts" / "demo.py"), "--once", "--step", "0.1",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -20,4 +20,6 @@ async def test_demo_shows_messages_reaching_delivered() -> None:
     assert "batch 1: all delivered" in text
     for number in (1, 2, 3):
         assert f"message  {number}: pending → forwarded-to-gateway → received-by-gateway" in text
+    assert "webhook answered 200" in text
+    assert "form=VISIT fields={'patient_id': '12345', 'symptom': 'fever'}" in text
     assert "daemon stopped (exit 0)" in text
