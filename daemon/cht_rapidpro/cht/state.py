@@ -6,11 +6,13 @@ views read these fields.
 
 from __future__ import annotations
 
-import math
 from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+
+from .jsvalues import js_truthy as js_truthy  # re-exported: the outgoing path uses it
+from .jsvalues import strict_equal
 
 
 class State(StrEnum):
@@ -52,28 +54,6 @@ STATUS_MAP: dict[str, tuple[State, str]] = {
 FINAL_STATUSES = frozenset({"delivered", "read", "failed"})
 
 
-def js_truthy(value: Any) -> bool:
-    """JavaScript truthiness: objects and arrays are truthy even when empty."""
-    if value is None or value is False:
-        return False
-    if isinstance(value, bool):
-        return True
-    if isinstance(value, int | float):
-        return value != 0 and not (isinstance(value, float) and math.isnan(value))
-    if isinstance(value, str):
-        return value != ""
-    return True
-
-
-def _js_strict_equal(a: Any, b: Any) -> bool:
-    """JavaScript `===` on JSON values: objects and arrays compare by identity."""
-    if isinstance(a, dict | list) or isinstance(b, dict | list):
-        return a is b
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    return bool(a == b)
-
-
 def iso_now(now: datetime | None = None) -> str:
     """`new Date().toISOString()`: UTC, millisecond precision, `Z` suffix."""
     moment = (now or datetime.now(UTC)).astimezone(UTC)
@@ -104,8 +84,8 @@ def set_task_state(
         task.get("state") == state
         and isinstance(last, dict)
         and last.get("state") == state
-        and (not js_truthy(details) or _js_strict_equal(task.get("state_details"), details))
-        and (not js_truthy(gateway_ref) or _js_strict_equal(task.get("gateway_ref"), gateway_ref))
+        and (not js_truthy(details) or strict_equal(task.get("state_details"), details))
+        and (not js_truthy(gateway_ref) or strict_equal(task.get("gateway_ref"), gateway_ref))
     ):
         return False
     task["state"] = state
