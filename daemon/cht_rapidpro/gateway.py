@@ -127,30 +127,16 @@ class Sweeper:
     async def _view_docs(self, ddoc: str, view: str, start: Any, end: Any) -> int:
         """Hand every document a view range emits to the dispatcher, a page at a time."""
         seen = 0
-        startkey, startkey_docid = start, None
         last_id: str | None = None
-        while True:
-            params: dict[str, Any] = {
-                "startkey": startkey,
-                "endkey": end,
-                "include_docs": True,
-                "limit": self.PAGE + 1,
-                "reduce": False,
-            }
-            if startkey_docid is not None:
-                params["startkey_docid"] = startkey_docid
-            rows = await self._couch.view(ddoc, view, **params)
-            for row in rows[: self.PAGE]:
+        async for rows in self._couch.view_pages(ddoc, view, start, end, page_size=self.PAGE):
+            for row in rows:
                 doc = row.get("doc")
-                # A document emits a row per message: hand it over once per page run.
+                # A document emits a row per message: hand it over once per run of rows.
                 if isinstance(doc, dict) and row.get("id") != last_id:
                     self._dispatcher.handle_doc(doc, None)
                     seen += 1
                 last_id = row.get("id")
-            if len(rows) <= self.PAGE:
-                return seen
-            following = rows[self.PAGE]
-            startkey, startkey_docid = following.get("key"), following.get("id")
+        return seen
 
 
 class Gateway:

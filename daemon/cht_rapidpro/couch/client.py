@@ -25,6 +25,9 @@ from ..config import CouchTarget
 from ..errors import AuthError, ConflictError, GatewayError, RetryableError
 
 JsonDict = dict[str, Any]
+_RAW_VIEW_PARAMS = frozenset(
+    {"startkey_docid", "endkey_docid", "start_key_doc_id", "end_key_doc_id"}
+)
 
 
 class NotFoundError(GatewayError):
@@ -336,8 +339,12 @@ class CouchClient:
     async def view(
         self, ddoc: str, view: str, *, keys: Sequence[Any] | None = None, **params: Any
     ) -> list[JsonDict]:
-        """Rows of a view query; parameters are JSON-encoded as CouchDB expects."""
-        query = {k: json.dumps(v) for k, v in params.items()}
+        """Rows of a view query; parameters are encoded as CouchDB expects.
+
+        Keys are JSON; document ids (`startkey_docid`, `endkey_docid`) go raw, as CouchDB 3
+        reads them.
+        """
+        query = {k: v if k in _RAW_VIEW_PARAMS else json.dumps(v) for k, v in params.items()}
         url = self._url(self.target.db, "_design", ddoc, "_view", view)
         what = f"view {ddoc}/{view}"
         if keys is None:
@@ -348,6 +355,36 @@ class CouchClient:
             )
         rows: list[JsonDict] = body.get("rows") or []
         return rows
+
+    async def view_pages(
+        self, ddoc: str, view: str, start: Any, end: Any, *, page_size: int = 200
+    ) -> AsyncIterator[list[JsonDict]]:
+        """Every row of a key range (with its doc), a page at a time.
+
+        Pages move on by key plus `skip` within the last key: views like CHT's
+        `gateway_messages_by_state` give thousands of rows one key, and `startkey_docid`,
+        CouchDB's way past them, is ignored by pouchdb-server.
+        """
+        startkey, skip = start, 0
+        while True:
+            rows = await self.view(
+                ddoc, view, startkey=startkey, endkey=end, include_docs=True,
+                reduce=False, limit=page_size, skip=skip,
+            )  # fmt: skip
+            if rows:
+                yield rows
+            if len(rows) < page_size:
+                return
+            last = rows[-1].get("key")
+            trailing = 0
+            for row in reversed(rows):
+                if row.get("key") != last:
+                    break
+                trailing += 1
+            if trailing == len(rows) and last == startkey:
+                skip += trailing  # the whole page was the key we started from
+            else:
+                startkey, skip = last, trailing
 
     async def scan_docs(self, *, page_size: int = 500) -> AsyncIterator[list[JsonDict]]:
         """Every document in the db, a page at a time (design docs left out)."""

@@ -1,0 +1,65 @@
+"""The daemon's CouchDB client against the real test server: the calls the workers rely on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from cht_rapidpro.config import parse_couch_url
+from cht_rapidpro.couch.client import CouchClient
+from support import CouchAdmin
+
+BY_STATE = "function(doc) { if (doc.state) { emit(doc.state, null); } }"
+
+
+@pytest.fixture
+async def client(couch: CouchAdmin) -> AsyncIterator[CouchClient]:
+    couch_client = CouchClient.connect(parse_couch_url(couch.couch_url), timeout_s=10)
+    yield couch_client
+    await couch_client.close()
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 10, 200], ids=lambda n: f"page-{n}")
+async def test_view_pages_cover_every_row_once_through_equal_keys(
+    couch: CouchAdmin, client: CouchClient, page_size: int
+) -> None:
+    # Many rows share one key, as in CHT's gateway_messages_by_state.
+    await couch.put({"_id": "_design/t", "views": {"by_state": {"map": BY_STATE}}})
+    states = ["pending"] * 3 + ["sent"] * 25 + ["delivered"] * 7
+    await couch.bulk([{"_id": f"doc-{n:03d}", "state": s} for n, s in enumerate(states)])
+    seen: list[tuple[str, str]] = []
+    async for rows in client.view_pages("t", "by_state", "pending", "sent", page_size=page_size):
+        assert len(rows) <= page_size
+        seen += [(row["key"], row["id"]) for row in rows]
+    want = sorted((s, f"doc-{n:03d}") for n, s in enumerate(states) if s != "delivered")
+    assert seen == want
+
+
+async def test_bulk_write_reports_conflicts_per_row(couch: CouchAdmin, client: CouchClient) -> None:
+    await couch.put({"_id": "a", "v": 1})
+    stale = {"_id": "a", "_rev": "1-00000000000000000000000000000000", "v": 2}
+    fresh = {"_id": "b", "v": 1}
+    results = await client.bulk_write([stale, fresh])
+    assert [(r.id, r.conflict, r.ok) for r in results] == [("a", True, False), ("b", False, True)]
+    assert fresh["_rev"] == results[1].rev
+    assert "_rev" in fresh and stale["_rev"].startswith("1-0000")
+
+
+async def test_put_overwrites_own_document(couch: CouchAdmin, client: CouchClient) -> None:
+    await client.put({"_id": "mine", "n": 1})
+    await client.put({"_id": "mine", "n": 2})
+    doc = await couch.get("mine")
+    assert doc is not None and doc["n"] == 2
+
+
+async def test_docs_with_prefix(couch: CouchAdmin, client: CouchClient) -> None:
+    await couch.bulk([{"_id": "messages-en"}, {"_id": "messages-fr"}, {"_id": "messagez"}])
+    docs = await client.docs_with_prefix("messages-")
+    assert [doc["_id"] for doc in docs] == ["messages-en", "messages-fr"]
+
+
+async def test_config_and_node_name(client: CouchClient) -> None:
+    assert await client.node_name()
+    assert await client.config_value("couch_httpd_auth", "secret")
+    assert await client.config_value("medic-credentials", "no-such-key") is None
