@@ -770,6 +770,8 @@ class OutgoingSender:
             changed = False
             for ref, task_job in results.items():
                 task = task_at(doc, ref)
+                if task is not None and _already_written(task, task_job):
+                    continue  # an earlier try landed though its answer was lost
                 if (
                     task is None
                     or not self.identity.owns(find_claim(task))
@@ -880,6 +882,12 @@ class OutgoingSender:
             return
         if doc is not None:
             self.offer(doc)
+
+
+def _already_written(task: JsonDict, task_job: TaskJob) -> bool:
+    """Whether `task` already carries the broadcast we are about to record."""
+    refs = [m.result.broadcast.id for m in task_job.messages if isinstance(m.result, Accepted)]
+    return bool(refs) and task.get("gateway_ref") == refs[-1]
 
 
 def _apply_result(task: JsonDict, result: Accepted | Rejected | None) -> bool:

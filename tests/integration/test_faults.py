@@ -30,7 +30,8 @@ from support import (
     task,
 )
 
-pytestmark = pytest.mark.slow
+# Long scenarios: a loaded 2-core CI machine needs more than the default 60 s for some.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 ACCEPTED = {"received-by-gateway", "forwarded-by-gateway", "sent", "delivered"}
 
