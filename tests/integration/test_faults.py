@@ -50,6 +50,21 @@ async def accepted_count(couch: CouchAdmin) -> int:
     )
 
 
+async def wait_all_accepted(couch: CouchAdmin, expected: int, within: float) -> None:
+    """Wait for every message to be accepted; on failure, name the ones that were not."""
+    try:
+        await eventually(lambda: accepted_count(couch), lambda n: n == expected, within=within,
+                         what="all messages accepted")  # fmt: skip
+    except AssertionError as exc:
+        stuck = [
+            (doc["_id"], item["state"], item["state_history"][-1])
+            for doc in await couch.all_docs()
+            for item in all_tasks(doc)
+            if item["state"] not in ACCEPTED
+        ]
+        raise AssertionError(f"{exc}; not accepted: {stuck[:5]}") from None
+
+
 async def assert_exactly_once(couch: CouchAdmin, rapidpro: Any, expected: int) -> None:
     posted = Counter((b.urns, b.text) for b in rapidpro.sandbox.posted_broadcasts())
     doubled = {key: n for key, n in posted.items() if n > 1}
@@ -183,8 +198,7 @@ async def test_couchdb_restart_mid_run(
         await asyncio.sleep(1.0)
         server.start(port)
         await admin.bulk(batch(2, 50))
-        await eventually(lambda: accepted_count(admin), lambda n: n == 350, within=90,
-                         what="all messages accepted")  # fmt: skip
+        await wait_all_accepted(admin, 350, within=90)
         await eventually(lambda: asyncio.sleep(0, daemon.gateway.health()), lambda h: h[0],
                          what="healthy again")  # fmt: skip
         await assert_exactly_once(admin, rapidpro, 350)
