@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test server runner and document b
 
 from cht_rapidpro import logs  # noqa: E402
 from cht_rapidpro.sandbox import DEFAULT_TOKEN, SandboxConfig, start_sandbox  # noqa: E402
-from pouchdb import PouchServer  # noqa: E402
+from pouchdb import PouchServer, free_port  # noqa: E402
 from support import CouchAdmin, CouchServer, message_doc, rapidpro_settings, task  # noqa: E402
 
 FINAL = ("delivered", "failed")
@@ -50,13 +49,6 @@ TEXTS = [
     "ANC visit due this week for household 12.",
     "Please submit the monthly stock report.",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def say(text: str) -> None:
@@ -133,7 +125,7 @@ async def demo(args: argparse.Namespace) -> int:
             await couch.put_vault_credential("rapidpro:incoming", INCOMING_KEY)
             say("medic db seeded: app settings (sms.outgoing_service=rapidpro), vault credential")
 
-            port = _free_port()
+            port = free_port()
             log_path = workdir / "daemon.log"
             env = {
                 **os.environ,

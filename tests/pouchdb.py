@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 POUCHDB_BIN = ROOT / "node_modules" / ".bin" / "pouchdb-server"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -57,7 +57,7 @@ class PouchServer:
                 "couch_httpd_auth": {"secret": COUCH_SECRET},
             }
             (self.workdir / "config.json").write_text(json.dumps(config))
-            self.port = port or _free_port()
+            self.port = port or free_port()
             with self.log_path.open("ab") as log:
                 self.proc = subprocess.Popen(
                     [

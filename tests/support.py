@@ -240,3 +240,29 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}; last value: {value!r}")
         await asyncio.sleep(every)
+
+
+#: CHT's `medic/messages_by_state` map (spec cht-messaging §2.1), for tests that need the view.
+MESSAGES_BY_STATE = """function(doc) {
+  var emitTasks = function(tasks) {
+    tasks.forEach(function(task) {
+      var due = task.due || task.timestamp || doc.reported_date;
+      if (typeof due === 'string') { due = Date.parse(due); }
+      if (task.messages) {
+        task.messages.forEach(function(msg) {
+          if (msg.uuid && msg.to && msg.message) {
+            var value = { content: msg.message, to: msg.to, id: msg.uuid };
+            emit([task.state, due], value);
+            if (task.state === 'pending' || task.state === 'forwarded-to-gateway') {
+              emit(['pending-or-forwarded', due], value);
+            }
+          }
+        });
+      } else {
+        emit([task.state, due], {});
+      }
+    });
+  };
+  emitTasks(doc.tasks || []);
+  emitTasks(doc.scheduled_tasks || []);
+}"""

@@ -1,4 +1,4 @@
-"""The `cht-rapidpro` command line."""
+"""The `cht-rapidpro` command line: argparse only; the operations commands live in `commands`."""
 
 from __future__ import annotations
 
@@ -6,18 +6,62 @@ import argparse
 import asyncio
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from . import __version__, logs
+from .commands import (
+    EX_CONFIG,
+    EX_FAILED,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    CommandError,
+    run_check,
+    run_parse,
+    run_send,
+    run_status,
+)
 from .config import DEFAULTS, OPTIONS, Settings
 from .errors import ConfigError
 
-EX_OK, EX_USAGE, EX_CONFIG = 0, 64, 78
+EXIT_CODES = f"""exit codes:
+  {EX_OK}   all well
+  {EX_FAILED}   a check failed, or the message failed
+  {EX_USAGE}  wrong arguments
+  {EX_UNAVAILABLE}  a dependency (CouchDB) cannot be reached
+  {EX_TEMPFAIL}  send: no final state within --timeout
+  {EX_CONFIG}  configuration error (settings, COUCH_URL credentials or database name)"""
+
+
+def _wrap(text: str) -> str:
+    """A description paragraph for RawDescriptionHelpFormatter (which keeps line breaks)."""
+    return textwrap.fill(text, width=79)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with sysexits' EX_USAGE (64) for usage errors instead of 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = Settings.load(args.config)
     logs.configure(settings.log_level, settings.log_format)
+    return settings
+
+
+def _command_settings(args: argparse.Namespace) -> Settings:
+    """Settings for an operations command: the same as `run`, logs (if any) on stderr."""
+    settings = Settings.load(args.config)
+    level = settings.log_level
+    if logs.LEVELS[level] < logs.LEVELS["warning"]:
+        level = "warning"  # stdout is the command's output; only problems go to stderr
+    logs.configure(level, settings.log_format, stream=sys.stderr)
     return settings
 
 
@@ -34,6 +78,49 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _command_settings(args)
+    return asyncio.run(run_check(settings, out=sys.stdout, as_json=args.json))
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    settings = _command_settings(args)
+    return asyncio.run(
+        run_send(
+            settings,
+            to=args.to,
+            text=args.text,
+            timeout_s=args.timeout,
+            sent_by=args.sent_by,
+            sender_phone=args.sender,
+            out=sys.stdout,
+            err=sys.stderr,
+        )
+    )
+
+
+def cmd_parse(args: argparse.Namespace) -> int:
+    # With --app-settings the database is not needed, nor COUCH_URL.
+    settings = None if args.app_settings else _command_settings(args)
+    return asyncio.run(
+        run_parse(
+            settings,
+            message=args.message,
+            sender=args.sender,
+            message_id=args.id,
+            locale=args.locale,
+            app_settings_file=args.app_settings,
+            out=sys.stdout,
+            err=sys.stderr,
+        )
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _command_settings(args)
+    return asyncio.run(run_status(settings, out=sys.stdout, as_json=args.json))
+
+
 def _epilog() -> str:
     lines = ["settings (environment variables; also keys of a --config TOML file):"]
     for option in OPTIONS:
@@ -43,11 +130,151 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a number of seconds greater than 0")
+    return value
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _add_commands(commands: Any) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    check = commands.add_parser(
+        "check",
+        help="diagnose the set-up: CouchDB, CHT settings and credentials, RapidPro, the daemon",
+        description=_wrap(
+            "Check everything the daemon needs, one row per check (ok, FAIL, warn, or skip "
+            "when an earlier check failed), with the fix for every problem: CouchDB reachable "
+            "and an admin, the medic db, CHT's app settings (sms.outgoing_service, "
+            "sms.rapidpro.url), the credentials rapidpro:outgoing and rapidpro:incoming (CHT "
+            "4.x vault or 3.x config), RapidPro and its token (one GET), and a running "
+            "daemon's /healthz (warn only if none runs). Nothing is written; no secret is "
+            "printed."
+        ),
+        epilog=(
+            f"exit codes:\n  {EX_OK}   every check passed (warnings allowed)\n"
+            f"  {EX_FAILED}   at least one check failed\n  {EX_USAGE}  wrong arguments\n"
+            f"  {EX_CONFIG}  the daemon's own settings are invalid"
+        ),
+        formatter_class=raw,
+    )
+    check.add_argument("--json", action="store_true", help="print the checks as JSON")
+    check.set_defaults(func=cmd_check)
+
+    send = commands.add_parser(
+        "send",
+        help="write an outgoing SMS as CHT's web app does and follow its states",
+        description=_wrap(
+            "Create an outgoing message the way CHT's web app does (a data_record with one "
+            "pending task; the number normalised with the app settings), then print each "
+            "state it goes through (pending → forwarded-to-gateway → received-by-gateway → "
+            "… → delivered) until a final one or the timeout. This command does not send: "
+            "a running daemon (or CHT) does."
+        ),
+        epilog=(
+            f"exit codes:\n  {EX_OK}   delivered\n"
+            f"  {EX_FAILED}   failed (or denied, duplicate, cleared, muted: never sent)\n"
+            f"  {EX_USAGE}  wrong arguments\n"
+            f"  {EX_UNAVAILABLE}  CouchDB cannot be reached\n"
+            f"  {EX_TEMPFAIL}  no final state within --timeout: the message may still go out\n"
+            f"  {EX_CONFIG}  configuration error (settings, COUCH_URL credentials or db name)"
+        ),
+        formatter_class=raw,
+    )
+    send.add_argument("--to", required=True, type=_non_empty, metavar="PHONE", help="recipient")
+    send.add_argument("--text", required=True, type=_non_empty, help="the message text")
+    send.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for delivered/failed (default: 60)",
+    )
+    send.add_argument(
+        "--sent-by",
+        default="cht-rapidpro",
+        metavar="NAME",
+        help="the sender's name, as CHT's sent_by (default: cht-rapidpro)",
+    )
+    send.add_argument(
+        "--from",
+        dest="sender",
+        metavar="PHONE",
+        help="the sender's own phone, as CHT's from (default: none)",
+    )
+    send.set_defaults(func=cmd_send)
+
+    parse = commands.add_parser(
+        "parse",
+        help="print the report an incoming SMS would become (nothing is written)",
+        description=_wrap(
+            "Print, as indented JSON, the report document an incoming SMS becomes with the "
+            "current SMS forms of the app settings, exactly as the webhook builds it. "
+            "Nothing is written."
+        ),
+        epilog=(
+            f"exit codes:\n  {EX_OK}   printed\n"
+            f"  {EX_FAILED}   CHT's parser fails on the message (the free-text report the "
+            "daemon would store is printed)\n"
+            f"  {EX_USAGE}  wrong arguments\n  {EX_UNAVAILABLE}  CouchDB cannot be reached\n"
+            f"  {EX_CONFIG}  configuration error, or no app settings in the database"
+        ),
+        formatter_class=raw,
+    )
+    parse.add_argument("message", metavar="MESSAGE", help="the SMS text, e.g. 'P 12 John'")
+    parse.add_argument(
+        "--from",
+        dest="sender",
+        default="unknown",
+        metavar="PHONE",
+        help="the sender's number (normalised as CHT does; default: unknown)",
+    )
+    parse.add_argument(
+        "--id", metavar="ID", help="RapidPro's message id (run uuid): sets _id and gateway_ref"
+    )
+    parse.add_argument("--locale", help="the locale CHT would be given (?locale=)")
+    parse.add_argument(
+        "--app-settings",
+        metavar="FILE",
+        help="read the app settings from this JSON file (cht-conf's app_settings.json) "
+        "instead of the database; COUCH_URL is then not needed",
+    )
+    parse.set_defaults(func=cmd_parse)
+
+    status = commands.add_parser(
+        "status",
+        help="messages by state, oldest unsent, feed checkpoints, the running daemon",
+        description=_wrap(
+            "Count messages by state (CHT's medic/messages_by_state view when present, else "
+            "a scan), show the oldest unsent message's age, each daemon's feed checkpoint "
+            "(_local/cht-rapidpro.<instance>) and how many changed documents it is behind, "
+            "and what a running daemon's /healthz and /metrics say. Only numbers are shown."
+        ),
+        epilog=(
+            f"exit codes:\n  {EX_OK}   printed\n  {EX_USAGE}  wrong arguments\n"
+            f"  {EX_UNAVAILABLE}  CouchDB cannot be reached\n"
+            f"  {EX_CONFIG}  configuration error (settings, COUCH_URL credentials or db name)"
+        ),
+        formatter_class=raw,
+    )
+    status.add_argument("--json", action="store_true", help="print the report as JSON")
+    status.set_defaults(func=cmd_status)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cht-rapidpro",
         description="SMS gateway between the Community Health Toolkit and RapidPro/TextIt.",
-        epilog=_epilog(),
+        epilog=_epilog() + "\n\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -61,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate the settings and print them (without secrets)"
     )
     check.set_defaults(func=cmd_check_config)
+    _add_commands(commands)
     sandbox = commands.add_parser(
         "sandbox",
         help="run the RapidPro sandbox (a fake RapidPro API for trying things out)",
@@ -84,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EX_CONFIG
+    except CommandError as exc:
+        print(f"cht-rapidpro {args.command}: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return code

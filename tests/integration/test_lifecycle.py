@@ -13,17 +13,11 @@ from typing import Any
 import aiohttp
 
 from cht_rapidpro.sandbox import DEFAULT_TOKEN
+from pouchdb import free_port
 from support import CouchAdmin, all_tasks, eventually, message_doc, task
 
 SECRET_TEXT = "Dear Amina, your HIV test result is ready"
 PHONES = [f"+2547123{n:05d}" for n in range(40)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def start_process(couch_url: str, port: int, **extra: str) -> asyncio.subprocess.Process:
@@ -65,7 +59,7 @@ async def test_sigterm_drains_saves_checkpoint_and_exits_zero(
     # Slow RapidPro so that sends are in flight when SIGTERM arrives.
     rapidpro.sandbox.add_fault(method="POST", path="broadcasts.json", status=None, delay=0.3,
                                count=None)  # fmt: skip
-    port = _free_port()
+    port = free_port()
     proc = await start_process(cht.couch_url, port)
     output = asyncio.ensure_future(proc.stdout.read())  # type: ignore[union-attr]
     await eventually(lambda: healthz(port), lambda status: status == 200, what="healthy")

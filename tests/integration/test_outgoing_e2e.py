@@ -11,7 +11,15 @@ from collections import Counter
 from typing import Any
 
 from cht_rapidpro.sandbox import DEFAULT_TOKEN
-from support import CouchAdmin, all_tasks, eventually, message_doc, rapidpro_settings, task
+from support import (
+    MESSAGES_BY_STATE,
+    CouchAdmin,
+    all_tasks,
+    eventually,
+    message_doc,
+    rapidpro_settings,
+    task,
+)
 
 FINAL = {"delivered", "failed"}
 
@@ -279,31 +287,6 @@ async def test_restart_resumes_from_checkpoint(
     await wait_states(cht, second["_id"], ["delivered"])
     texts = Counter(b.text for b in rapidpro.sandbox.posted_broadcasts())
     assert texts == Counter({"one": 1, "two": 1})
-
-
-MESSAGES_BY_STATE = """function(doc) {
-  var emitTasks = function(tasks) {
-    tasks.forEach(function(task) {
-      var due = task.due || task.timestamp || doc.reported_date;
-      if (typeof due === 'string') { due = Date.parse(due); }
-      if (task.messages) {
-        task.messages.forEach(function(msg) {
-          if (msg.uuid && msg.to && msg.message) {
-            var value = { content: msg.message, to: msg.to, id: msg.uuid };
-            emit([task.state, due], value);
-            if (task.state === 'pending' || task.state === 'forwarded-to-gateway') {
-              emit(['pending-or-forwarded', due], value);
-            }
-          }
-        });
-      } else {
-        emit([task.state, due], {});
-      }
-    });
-  };
-  emitTasks(doc.tasks || []);
-  emitTasks(doc.scheduled_tasks || []);
-}"""
 
 
 async def test_resume_sweeps_work_the_feed_will_not_show_again(

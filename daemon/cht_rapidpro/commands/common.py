@@ -1,0 +1,183 @@
+"""What the operations commands share: exit codes, CouchDB access and its errors, the daemon's
+listener, and small formatting helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+
+from ..config import Settings
+from ..couch.client import CouchClient, JsonDict, NotFoundError
+from ..errors import AuthError, GatewayError
+
+#: Exit codes (sysexits.h where one fits).
+EX_OK = 0  # all well / delivered
+EX_FAILED = 1  # a check failed / the message failed
+EX_USAGE = 64  # wrong arguments
+EX_UNAVAILABLE = 69  # CouchDB (or another dependency) cannot be reached
+EX_TEMPFAIL = 75  # `send`: no final state within --timeout (the message may still go)
+EX_CONFIG = 78  # the settings, COUCH_URL credentials or database name are wrong
+
+#: CouchDB requests of a command wait at most this long (the daemon's may wait longer).
+COMMAND_COUCH_TIMEOUT_S = 15.0
+#: The daemon's own listener answers at once or not at all.
+LISTENER_TIMEOUT_S = 5.0
+
+
+class CommandError(Exception):
+    """A command cannot go on; `message` says why and what to do, `exit_code` is returned."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def couch_errors(settings: Settings) -> Iterator[None]:
+    """Turn CouchDB failures into CommandErrors that tell the operator what to fix."""
+    where = settings.couch.redacted
+    try:
+        yield
+    except AuthError as exc:
+        raise CommandError(
+            f"CouchDB refused the credentials in COUCH_URL ({exc}): COUCH_URL must name a "
+            "CouchDB server admin (CHT's admin user) and its password",
+            EX_CONFIG,
+        ) from exc
+    except NotFoundError as exc:
+        raise CommandError(
+            f"{exc} at {where}: check the database name at the end of COUCH_URL "
+            "(CHT's is usually /medic)",
+            EX_CONFIG,
+        ) from exc
+    except GatewayError as exc:  # RetryableError and the rest: CouchDB is not usable now
+        raise CommandError(f"CouchDB at {where} is unavailable: {exc}", EX_UNAVAILABLE) from exc
+
+
+@contextlib.asynccontextmanager
+async def open_couch(settings: Settings) -> AsyncIterator[CouchClient]:
+    """A CouchDB client for one command; its failures become CommandErrors."""
+    couch = CouchClient.connect(
+        settings.couch, timeout_s=min(settings.couch_timeout_s, COMMAND_COUCH_TIMEOUT_S)
+    )
+    try:
+        with couch_errors(settings):
+            yield couch
+    finally:
+        await couch.close()
+
+
+async def require_db(couch: CouchClient) -> JsonDict:
+    """The medic db's info; NotFoundError (→ exit 78) if it does not exist."""
+    return await couch.db_info()
+
+
+@dataclass(frozen=True, slots=True)
+class AppSettings:
+    """CHT's app settings as found in the db, and where they were found."""
+
+    values: dict[str, Any]
+    source: str | None  # "settings doc", "_design/medic app_settings (pre-3.0)", None: missing
+    rev: str | None = None
+    problem: str | None = None  # the doc exists but is unusable
+
+
+async def load_app_settings(couch: CouchClient) -> AppSettings:
+    """The app settings where CHT keeps them: the `settings` doc, else pre-3.0 `_design/medic`."""
+    doc = await couch.get("settings")
+    if doc is not None:
+        rev = doc.get("_rev") if isinstance(doc.get("_rev"), str) else None
+        inner = doc.get("settings")
+        if not isinstance(inner, dict):
+            return AppSettings({}, "settings doc", rev, "the settings doc has no 'settings' object")
+        return AppSettings(inner, "settings doc", rev)
+    legacy = await couch.get("_design/medic")
+    if legacy is not None and isinstance(legacy.get("app_settings"), dict):
+        return AppSettings(legacy["app_settings"], "_design/medic app_settings (pre-3.0)")
+    return AppSettings({}, None)
+
+
+def sms_settings(app_settings: dict[str, Any]) -> dict[str, Any]:
+    sms = app_settings.get("sms")
+    return sms if isinstance(sms, dict) else {}
+
+
+# -- the daemon's listener -------------------------------------------------------------------
+
+
+def listener_url(settings: Settings) -> str | None:
+    """Where a daemon with these settings listens (None for port 0: any free port)."""
+    if settings.listen_port == 0:
+        return None
+    host = settings.listen_host
+    # A wildcard bind is reached on the loopback address of the same family.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{settings.listen_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerAnswer:
+    """What the daemon's listener answered to one GET (status None: nothing answered)."""
+
+    url: str
+    status: int | None
+    body: str = ""
+    error: str | None = None
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+
+async def get_listener(base_url: str, path: str) -> ListenerAnswer:
+    """GET a path of the daemon's listener, never raising for a dead or foreign listener."""
+    url = base_url + path
+    timeout = aiohttp.ClientTimeout(total=LISTENER_TIMEOUT_S)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url, allow_redirects=False) as resp,
+        ):
+            body = await resp.text(errors="replace")
+            return ListenerAnswer(url, resp.status, body)
+    except aiohttp.ClientConnectorError as exc:
+        return ListenerAnswer(url, None, error=f"nothing listening ({exc.os_error})")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return ListenerAnswer(url, None, error=f"{type(exc).__name__}: no answer")
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+
+def format_age(seconds: float) -> str:
+    """`4s`, `3m 12s`, `5h 02m`, `3d 4h`: for humans, not for parsing."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def short_id(value: str, keep: int = 8) -> str:
+    return value if len(value) <= keep + 1 else value[:keep] + "…"
