@@ -6,6 +6,8 @@ This is the only module that constructs and connects components.
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -57,6 +59,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         budget = Budget(
             {BROADCASTS: settings.broadcasts_per_hour, MESSAGES: settings.messages_per_hour}
         )
+        for scope in (BROADCASTS, MESSAGES):
+            app[METRICS].budget_remaining.labels(scope).set_function(
+                functools.partial(_remaining, budget, scope)
+            )
         rapidpro = RapidProClient(
             session, budget, timeout_s=settings.send_timeout_s, metrics=app[METRICS]
         )
@@ -83,6 +89,11 @@ def gateway_of(app: web.Application) -> Gateway:
     gateway = app[COMPONENTS].gateway
     assert gateway is not None, "used before start-up"
     return gateway
+
+
+def _remaining(budget: Budget, scope: str) -> float:
+    left = budget.remaining(scope)
+    return math.inf if left is None else float(left)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -63,6 +63,12 @@ class Metrics:
             ["scope"],
             registry=r,
         )
+        self.budget_remaining = Gauge(
+            "chtrp_rapidpro_budget_remaining",
+            "Requests left in the client-side hourly budget, by throttle scope (+Inf: no limit).",
+            ["scope"],
+            registry=r,
+        )
         self.status_polls = Counter(
             "chtrp_status_polls_total", "Delivery-status poll rounds completed.", registry=r
         )

@@ -385,3 +385,5 @@ async def test_health_and_metrics_endpoints(
     assert "chtrp_messages_sent_total 1.0" in text
     assert "chtrp_messages_delivered_total 1.0" in text
     assert "chtrp_rapidpro_requests_total{" in text
+    # One broadcast taken from the default budget of 3000 an hour.
+    assert 'chtrp_rapidpro_budget_remaining{scope="broadcasts"} 2999.0' in text
