@@ -71,6 +71,8 @@ CONFIG_PAUSE_S = 60.0
 #: (rendezvous hashing over the live replicas, see `replicas.py`); the others leave it to
 #: that one for HANDOFF_S before claiming it themselves. A lone daemon never waits.
 HANDOFF_S = 0.5
+#: How many documents' last own write to remember (to skip our own revisions on the feed).
+WRITTEN_MEMORY = 20_000
 _DIGITS = re.compile(r"\+?\d[\d ]{3,}\d")
 
 
@@ -268,6 +270,7 @@ class OutgoingSender:
         self.identity = identity
         self._metrics = metrics
         self._presence = presence
+        self._written: OrderedDict[str, int] = OrderedDict()  # doc id -> our last write's gen
         self._max_active = max_active
         self._log = get_logger(component="sender")
         self._reconciler = Reconciler(
@@ -309,6 +312,8 @@ class OutgoingSender:
             self._metrics.bad_documents.inc()
             self._log.warning("task_skipped", doc_id=doc_id, task=ref.key, problem=problem)
 
+        if self._outdated(doc_id, doc.get("_rev")):
+            return False  # a revision before our own last write: nothing new in it
         try:
             sendable = sendable_tasks(doc, malformed)
             self._note_peers(sendable)
@@ -335,6 +340,24 @@ class OutgoingSender:
             self._wake.set()
         self._metrics.send_queue.set(len(self._queue))
         return True
+
+    def _remember_write(self, doc_id: str, rev: str | None) -> None:
+        generation = _generation(rev)
+        if generation is None:
+            return
+        self._written[doc_id] = generation
+        self._written.move_to_end(doc_id)
+        if len(self._written) > WRITTEN_MEMORY:
+            self._written.popitem(last=False)
+
+    def _outdated(self, doc_id: str, rev: Any) -> bool:
+        """Whether `rev` is older than (or is) a revision this process wrote itself.
+
+        The feed shows our own writes back to us (a claim, then its write-back): acting on
+        them would only cost a conflicting write and a re-read.
+        """
+        generation, written = _generation(rev), self._written.get(doc_id)
+        return generation is not None and written is not None and generation <= written
 
     @property
     def queued(self) -> int:
@@ -526,6 +549,7 @@ class OutgoingSender:
                 continue
             if result.ok:
                 claimed["_rev"] = result.rev
+                self._remember_write(doc_id, result.rev)
                 for job in tasks:
                     if any(m.uncertain for m in job.messages):
                         self._log.info(
@@ -820,6 +844,7 @@ class OutgoingSender:
                 continue
             if result.ok:
                 current["_rev"] = result.rev
+                self._remember_write(doc_id, result.rev)
                 return current
             if not result.conflict:
                 self._log.error(f"{what}_refused", doc_id=doc_id, error=result.error)
@@ -885,6 +910,14 @@ class OutgoingSender:
             return
         if doc is not None:
             self.offer(doc)
+
+
+def _generation(rev: Any) -> int | None:
+    """The generation of a revision id (`"3-abc…"` → 3); revisions are ordered by it."""
+    if not isinstance(rev, str):
+        return None
+    head, _, _ = rev.partition("-")
+    return int(head) if head.isdigit() else None
 
 
 def _already_written(task: JsonDict, task_job: TaskJob) -> bool:
