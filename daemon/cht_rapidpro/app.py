@@ -76,7 +76,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
         components = app[COMPONENTS]
         components.gateway = gateway
-        components.webhook = IncomingWebhook(couch, gateway.cht, app[METRICS])
+        components.webhook = IncomingWebhook(couch, gateway.writer, gateway.cht, app[METRICS])
         gateway.start()
         yield
         await gateway.stop()

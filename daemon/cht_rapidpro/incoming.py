@@ -24,8 +24,8 @@ from aiohttp import web
 
 from .cht.records import create_by_form
 from .chtconfig import ChtConfig
-from .couch.client import CouchClient
-from .errors import ConflictError, GatewayError
+from .couch.client import BulkWriter, CouchClient
+from .errors import GatewayError
 from .logs import get_logger
 from .metrics import Metrics
 
@@ -65,8 +65,11 @@ def doc_id_for(message_id: str | int) -> str:
 class IncomingWebhook:
     """The request handler; one instance per daemon."""
 
-    def __init__(self, couch: CouchClient, cht: ChtConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, couch: CouchClient, writer: BulkWriter, cht: ChtConfig, metrics: Metrics
+    ) -> None:
         self._couch = couch
+        self._writer = writer  # group commit: concurrent deliveries share `_bulk_docs` requests
         self._cht = cht
         self._metrics = metrics
         self._has_ref_view: bool | None = None
@@ -117,12 +120,15 @@ class IncomingWebhook:
                 return {"saved": 0, "duplicate": True, "_doc_id": None}
             doc = self._report(message)
             doc["_id"] = doc_id
-            await self._couch.create(doc)
-        except ConflictError:
-            return {"saved": 0, "duplicate": True, "_doc_id": doc_id}
+            result = await self._writer.write(doc)
         except GatewayError as exc:
             log.warning("webhook_store_failed", doc_id=doc_id, error=str(exc))
             raise WebhookError(503, "Message was not saved: the database is unavailable") from exc
+        if result.conflict:  # the id exists: CouchDB itself keeps the copies to one
+            return {"saved": 0, "duplicate": True, "_doc_id": doc_id}
+        if not result.ok:
+            log.warning("webhook_store_refused", doc_id=doc_id, error=result.error)
+            raise WebhookError(503, "Message was not saved: the database refused it")
         return {"saved": 1, "_doc_id": doc_id}
 
     def _report(self, message: dict[str, Any]) -> dict[str, Any]:
