@@ -102,6 +102,7 @@ class ChtConfig:
         self._outgoing: CredentialRead = CredentialRead(None, None, None)
         self._incoming: CredentialRead = CredentialRead(None, None, None)
         self._read_at = 0.0
+        self._credentials_read = False  # no verdict on a missing key before the first read
         self._refresh_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._gate = self._compute_gate()
@@ -202,6 +203,7 @@ class ChtConfig:
                 self._log.warning("credentials_read_retrying", error=str(exc))
                 return  # keep what we had; try again next time
             self._read_at = time.monotonic()
+            self._credentials_read = True
             if (outgoing, incoming) != (self._outgoing, self._incoming):
                 for key, read in ((creds.OUTGOING, outgoing), (creds.INCOMING, incoming)):
                     self._log.info(
@@ -254,6 +256,8 @@ class ChtConfig:
             url = URL()
         if url.scheme not in ("http", "https") or not url.host:
             return Gate(None, f"sms.rapidpro.url {raw_url!r} is not an http(s) URL", "error")
+        if not self._credentials_read:
+            return Gate(None, "reading the RapidPro credentials")
         if not self._outgoing.value:
             problem = self._outgoing.problem or (
                 "No api key configured: store the RapidPro API token as credential "

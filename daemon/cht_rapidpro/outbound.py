@@ -60,7 +60,7 @@ from .metrics import Metrics
 from .rapidpro.client import RapidProClient
 from .rapidpro.models import Broadcast, Target
 from .replicas import Presence
-from .retry import Backoff, sleep_or_wake
+from .retry import Backoff, Outage, sleep_or_wake
 
 Release = Callable[[], None]
 #: How many rounds of conflict → re-read → re-apply a write gets before we let it go.
@@ -287,8 +287,14 @@ class OutgoingSender:
         self._idle.set()
         self._stopping = False
         self._send_slots = asyncio.Semaphore(settings.send_concurrency)
-        self._outage = Backoff(initial=settings.retry_initial_s, maximum=settings.retry_max_s)
-        self._paused_until = 0.0
+        # RapidPro and CouchDB fail independently: one shared pause for each.
+        self._outage = Outage(
+            Backoff(initial=settings.retry_initial_s, maximum=settings.retry_max_s)
+        )
+        self._couch_outage = Outage(
+            Backoff(initial=settings.retry_initial_s, maximum=settings.retry_max_s)
+        )
+        self._paused_until = 0.0  # set by a refused configuration (401/403/404)
         self._pause_target: Target | None = None
         self._pause_reason = ""
         self._claim_ttl = timedelta(seconds=settings.claim_ttl_s)
@@ -545,8 +551,9 @@ class OutgoingSender:
                 result = await self._writer.write(claimed)
             except RetryableError as exc:
                 self._log.warning("claim_retrying", doc_id=doc_id, error=str(exc))
-                await self._sleep(self._outage.next_delay())
+                await self._sleep(self._couch_outage.failed())
                 continue
+            self._couch_outage.recovered()
             if result.ok:
                 claimed["_rev"] = result.rev
                 self._remember_write(doc_id, result.rev)
@@ -634,6 +641,7 @@ class OutgoingSender:
             async with self._send_slots:
                 if self._stopping:
                     raise _Stopping
+                started = time.monotonic()  # the request's own time, not the wait for a slot
                 broadcast = await self._rapidpro.send_broadcast(
                     target,
                     [message.urn],
@@ -661,7 +669,7 @@ class OutgoingSender:
                 message.settle_until = time.monotonic() + self._settings.send_timeout_s
             await self._retry_later(job, message, exc, log)
             return
-        self._outage.reset()
+        self._outage.recovered()
         self._paused_until = 0.0
         message.result = Accepted(broadcast, adopted=False)
         elapsed = time.monotonic() - job.started
@@ -700,14 +708,12 @@ class OutgoingSender:
             kind, delay = "throttled", 0.0  # the budget now waits for Retry-After
         else:
             kind = "unavailable"
-            pause = self._outage.next_delay()
-            self._paused_until = max(self._paused_until, time.monotonic() + pause)
-            delay = message.backoff.next_delay()
+            delay = self._outage.failed()  # every job waits for the same end of the outage
         self._metrics.send_errors.labels(kind).inc()
         log.warning(
             "rapidpro_send_retrying",
             attempt=message.attempts,
-            delay_s=round(max(delay, self._paused_until - time.monotonic()), 2),
+            delay_s=round(delay, 2),
             uncertain=message.uncertain,
             error=str(exc),
         )
@@ -739,7 +745,7 @@ class OutgoingSender:
             gate = self._cht.gate
             if not gate.open or gate.target is None:
                 raise _Abandon(gate.reason or "sending disabled")
-            wait = self._paused_until - time.monotonic()
+            wait = max(self._paused_until, self._outage.until) - time.monotonic()
             if self._pause_target is not None and gate.target != self._pause_target:
                 wait = 0.0  # configuration changed since RapidPro refused it: try now
                 self._pause_target = None

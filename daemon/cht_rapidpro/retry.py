@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from dataclasses import dataclass, field
 
 
@@ -44,3 +45,27 @@ async def sleep_or_wake(event: asyncio.Event, seconds: float) -> bool:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
     return event.is_set()
+
+
+@dataclass(slots=True)
+class Outage:
+    """One shared pause for everyone who hits the same failing dependency.
+
+    The first failure after a pause has ended starts the next, longer pause; failures of
+    other jobs during a pause wait for the same end instead of lengthening it (sixteen
+    concurrent 503s are one outage, not sixteen steps of backoff).
+    """
+
+    backoff: Backoff
+    until: float = 0.0
+
+    def failed(self) -> float:
+        """Record a failure; seconds to wait before trying again."""
+        now = time.monotonic()
+        if self.until <= now:
+            self.until = now + self.backoff.next_delay()
+        return self.until - now
+
+    def recovered(self) -> None:
+        self.backoff.reset()
+        self.until = 0.0

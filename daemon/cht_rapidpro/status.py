@@ -261,7 +261,10 @@ class StatusPoller:
                 if tracked.key in seen:
                     continue
                 seen.add(tracked.key)
-                if row.status in STATUS_MAP:
+                mapped = STATUS_MAP.get(row.status)
+                if mapped == (tracked.task.state, tracked.task.details):
+                    continue  # no news: nothing to read or write
+                if mapped is not None:
                     updates.append(Update(tracked, row.status))
                 else:
                     self._log.debug("status_unknown", rapidpro_status=row.status)

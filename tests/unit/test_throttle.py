@@ -192,3 +192,18 @@ async def test_acquire_waits_for_the_window(monkeypatch: pytest.MonkeyPatch) -> 
     assert slept == [pytest.approx(6.0)]
     assert clock.now == pytest.approx(110.0)
     assert b.remaining(BROADCASTS) == 0
+
+
+def test_outage_is_one_pause_for_all_who_hit_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cht_rapidpro.retry import Backoff, Outage
+
+    clock = [100.0]
+    monkeypatch.setattr("cht_rapidpro.retry.time.monotonic", lambda: clock[0])
+    outage = Outage(Backoff(initial=1.0, maximum=300.0, jitter=0.0))
+    # Sixteen jobs fail at once: they all wait for the same second, not 1, 2, 4, ... 300 s.
+    assert [outage.failed() for _ in range(16)] == [1.0] * 16
+    clock[0] += 1.0
+    assert outage.failed() == 2.0  # still failing after the pause: the next one is longer
+    outage.recovered()
+    clock[0] += 5.0
+    assert outage.failed() == 1.0

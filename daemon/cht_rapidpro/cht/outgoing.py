@@ -83,6 +83,7 @@ class InFlightTask:
     state: str
     messages: tuple[OutgoingMessage, ...]
     sent_at: datetime | None
+    details: Any = None  # `state_details` as stored
 
 
 def claim_details(instance: str, boot: str) -> dict[str, str]:
@@ -244,6 +245,7 @@ def in_flight_tasks(doc: Mapping[str, Any]) -> list[InFlightTask]:
                     state=str(task["state"]),
                     messages=messages,
                     sent_at=sent_at(task, doc),
+                    details=task.get("state_details"),
                 )
             )
     return found

@@ -145,7 +145,9 @@ class CouchClient:
             str(target.server).rstrip("/"),
             middlewares=tuple(middlewares),
             timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s)),
-            connector=aiohttp.TCPConnector(limit=64),
+            # Idle connections are dropped before servers drop them (pouchdb-server: 5 s);
+            # reusing a connection the server closed fails the request.
+            connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=3.0),
         )
         return cls(couch, target, timeout_s=timeout_s)
 
