@@ -144,6 +144,11 @@ async def demo(args: argparse.Namespace) -> int:
             say(
                 f"health: http://127.0.0.1:{port}/healthz   metrics: http://127.0.0.1:{port}/metrics"
             )
+            cli = f"COUCH_URL={couch.couch_url} CHT_RAPIDPRO_PORT={port} .venv/bin/cht-rapidpro"
+            say("try, in another terminal while this runs:")
+            print(f"    {cli} check", flush=True)
+            print(f"    {cli} send --to +254712345678 --text 'Hello from the demo'", flush=True)
+            print(f"    {cli} status", flush=True)
 
             batch = 0
             while True:

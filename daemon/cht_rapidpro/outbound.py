@@ -19,7 +19,6 @@ before it could look abandoned to a replica.
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import hashlib
 import re
@@ -47,7 +46,7 @@ from .cht.phone import mask, normalize
 from .cht.state import State, set_task_state
 from .chtconfig import ChtConfig
 from .config import Settings
-from .couch.client import BulkWriter, CouchClient, JsonDict
+from .couch.client import BulkWriter, CouchClient, JsonDict, clone
 from .errors import (
     AuthError,
     GatewayError,
@@ -526,7 +525,7 @@ class OutgoingSender:
                 self._schedule_recheck(doc_id, recheck)
             if not take:
                 return None
-            claimed = copy.deepcopy(doc)
+            claimed = clone(doc)
             tasks: list[TaskJob] = []
             details = claim_details(self.identity.instance, self.identity.boot)
             for sendable in take:
@@ -831,7 +830,7 @@ class OutgoingSender:
         Returns the written revision, or None if `change` found nothing to do.
         """
         doc_id = str(doc["_id"])
-        current = copy.deepcopy(doc)
+        current = clone(doc)
         backoff = Backoff(
             initial=self._settings.retry_initial_s, maximum=self._settings.retry_max_s
         )
@@ -846,7 +845,7 @@ class OutgoingSender:
                 # are stopped first, the claim stays and the next start reconciles it.
                 self._log.warning(f"{what}_retrying", doc_id=doc_id, error=str(exc))
                 await self._sleep(backoff.next_delay())
-                current = copy.deepcopy(doc)
+                current = clone(doc)
                 continue
             if result.ok:
                 current["_rev"] = result.rev
@@ -862,7 +861,7 @@ class OutgoingSender:
                 self._log.error(f"{what}_gave_up", doc_id=doc_id, rounds=rounds)
                 return None
             doc = latest
-            current = copy.deepcopy(latest)
+            current = clone(latest)
 
     async def _reread(self, doc_id: str) -> JsonDict | None:
         backoff = Backoff(

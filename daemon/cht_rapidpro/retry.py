@@ -8,6 +8,9 @@ import random
 import time
 from dataclasses import dataclass, field
 
+#: One generator for all jitter (seeding a new one per Backoff costs an os.urandom read).
+_JITTER = random.Random()  # noqa: S311 (jitter, not cryptography)
+
 
 @dataclass(slots=True)
 class Backoff:
@@ -22,7 +25,7 @@ class Backoff:
     maximum: float = 300.0
     jitter: float = 0.1
     attempt: int = 0
-    _rng: random.Random = field(default_factory=random.Random, repr=False)
+    _rng: random.Random = field(default=_JITTER, repr=False)
 
     def next_delay(self) -> float:
         base = min(self.maximum, self.initial * self.factor**self.attempt)

@@ -15,7 +15,6 @@ every round.
 from __future__ import annotations
 
 import asyncio
-import copy
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from .cht.phone import normalize
 from .cht.state import FINAL_STATUSES, IN_FLIGHT_STATES, STATUS_MAP, State, set_task_state
 from .chtconfig import ChtConfig
 from .config import Settings
-from .couch.client import BulkWriter, CouchClient, JsonDict
+from .couch.client import BulkWriter, CouchClient, JsonDict, clone
 from .errors import AuthError, GatewayError, RetryableError, UpstreamConfigError
 from .logs import get_logger
 from .metrics import Metrics
@@ -285,7 +284,7 @@ class StatusPoller:
                 if doc is None:
                     self.index.remove_doc(doc_id)
                     continue
-                changed = copy.deepcopy(doc)
+                changed = clone(doc)
                 applied = [u for u in doc_updates if self._apply(changed, u)]
                 if applied:
                     writes.append((changed, applied))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -49,14 +50,18 @@ def normalize(settings: Mapping[str, Any], phone: Any) -> str | None:
     """
     if not isinstance(phone, str) or not phone:
         return None
-    try:
-        parsed = phonenumbers.parse(
-            phone, region_for(settings.get("default_country_code")), keep_raw_input=True
-        )
-    except phonenumbers.NumberParseException:
-        return None
     validation = settings.get("phone_validation")
     mode = validation.lower() if isinstance(validation, str) else ""
+    return _normalize(region_for(settings.get("default_country_code")), mode, phone)
+
+
+@functools.lru_cache(maxsize=8192)
+def _normalize(region: str, mode: str, phone: str) -> str | None:
+    """`normalize` for one region and validation mode (libphonenumber is costly: cached)."""
+    try:
+        parsed = phonenumbers.parse(phone, region, keep_raw_input=True)
+    except phonenumbers.NumberParseException:
+        return None
     if mode == "partial":
         valid = phonenumbers.is_possible_number(parsed)
     elif mode == "none":

@@ -25,6 +25,14 @@ from ..config import CouchTarget
 from ..errors import AuthError, ConflictError, GatewayError, RetryableError
 
 JsonDict = dict[str, Any]
+
+
+def clone(doc: JsonDict) -> JsonDict:
+    """A deep copy of a JSON document (several times faster than `copy.deepcopy`)."""
+    copied: JsonDict = json.loads(json.dumps(doc))
+    return copied
+
+
 _RAW_VIEW_PARAMS = frozenset(
     {"startkey_docid", "endkey_docid", "start_key_doc_id", "end_key_doc_id"}
 )
