@@ -7,10 +7,13 @@ party) and the CouchDB secret CHT's credential vault needs (spec couchdb-test-se
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -23,6 +26,14 @@ HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
 
 ROOT = Path(__file__).resolve().parent.parent
 POUCHDB_BIN = ROOT / "node_modules" / ".bin" / "pouchdb-server"
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if the process that started it dies (a killed test run
+    would otherwise leave it running)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -72,6 +83,7 @@ class PouchServer:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    preexec_fn=_die_with_parent,  # started before any thread
                 )
             if self._wait_ready():
                 return
