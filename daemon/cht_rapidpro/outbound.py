@@ -70,6 +70,8 @@ CONFIG_PAUSE_S = 60.0
 #: (rendezvous hashing over the live replicas, see `replicas.py`); the others leave it to
 #: that one for HANDOFF_S before claiming it themselves. A lone daemon never waits.
 HANDOFF_S = 0.5
+#: When to look again at a document whose write kept conflicting.
+RETRY_GAVE_UP = timedelta(seconds=30)
 #: How many documents' last own write to remember (to skip our own revisions on the feed).
 WRITTEN_MEMORY = 20_000
 _DIGITS = re.compile(r"\+?\d[\d ]{3,}\d")
@@ -859,6 +861,10 @@ class OutgoingSender:
             latest = await self._reread(doc_id)
             if latest is None or rounds >= MAX_WRITE_ROUNDS:
                 self._log.error(f"{what}_gave_up", doc_id=doc_id, rounds=rounds)
+                if latest is not None:
+                    # Look again later: our claim is still there, so the message is looked
+                    # up in RapidPro (and its broadcast adopted) rather than lost or resent.
+                    self._schedule_recheck(doc_id, datetime.now(UTC) + RETRY_GAVE_UP)
                 return None
             doc = latest
             current = clone(latest)
