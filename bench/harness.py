@@ -16,7 +16,6 @@ import platform
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from cht_rapidpro.sandbox import DEFAULT_TOKEN, Sandbox, SandboxConfig, build_app  # noqa: E402
-from pouchdb import PouchServer  # noqa: E402
+from pouchdb import PouchServer, free_port  # noqa: E402
 from support import CouchAdmin, CouchServer, iso, message_doc, rapidpro_settings  # noqa: E402
 
 __all__ = [
@@ -71,13 +70,6 @@ def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     rank = max(1, -(-len(ordered) * pct // 100))  # ceil
     return ordered[int(rank) - 1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- the sandbox, with an arrival hook ---------------------------------------------------------
