@@ -94,24 +94,19 @@ class IncomingWebhook:
         return web.json_response(body, status=status)
 
     async def _accept(self, request: web.Request) -> dict[str, Any]:
-        self._check_token(request.headers.get("Authorization"))
+        given = _TOKEN.match(request.headers.get("Authorization", ""))
+        if given is None:
+            raise WebhookError(403, "Missing authorization token")
         await self._cht.refresh_credentials()  # cheap: re-reads only when stale
         expected = self._cht.incoming_key
         if not expected:
             raise WebhookError(403, "No incoming key configured")
-        given = _TOKEN.match(request.headers.get("Authorization", ""))
-        assert given is not None  # checked above
         if not hmac.compare_digest(given.group(1).encode(), expected.encode()):
             raise WebhookError(403, "Incorrect token")
         message = await _read_message(request)
         if not self._cht.settings_loaded:
             raise WebhookError(503, "Starting up: app settings not loaded yet, try again")
         return await self._store(message)
-
-    @staticmethod
-    def _check_token(header: str | None) -> None:
-        if header is None or not _TOKEN.match(header):
-            raise WebhookError(403, "Missing authorization token")
 
     async def _store(self, message: dict[str, Any]) -> dict[str, Any]:
         doc_id = doc_id_for(message["id"])
