@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import systemd
+from .claims import Identity
 from .config import Settings
 from .couch.client import CouchClient
 from .gateway import Gateway
@@ -25,7 +26,6 @@ from .incoming import ROUTES as INCOMING_ROUTES
 from .incoming import IncomingWebhook
 from .logs import get_logger
 from .metrics import Metrics
-from .outbound import Identity
 from .rapidpro.client import RapidProClient
 from .rapidpro.throttle import BROADCASTS, MESSAGES, Budget
 

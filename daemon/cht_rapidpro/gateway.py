@@ -21,13 +21,15 @@ from typing import Any
 
 from .cht.state import IN_FLIGHT_STATES
 from .chtconfig import TRANSLATIONS_PREFIX, ChtConfig
+from .claims import Identity
 from .config import Settings
+from .conflicts import INCOMING_PREFIX, ConflictResolver
 from .couch.changes import ChangesFollower, FatalError, Page
 from .couch.client import BulkWriter, CouchClient, JsonDict
 from .errors import AuthError, GatewayError
 from .logs import get_logger
 from .metrics import Metrics
-from .outbound import Identity, OutgoingSender
+from .outbound import OutgoingSender
 from .rapidpro.client import RapidProClient
 from .replicas import PREFIX as REPLICA_PREFIX
 from .replicas import Presence
@@ -61,6 +63,8 @@ class Dispatcher:
 
     def handle_doc(self, doc: JsonDict, hold: Callable[[], Callable[[], None]] | None) -> None:
         doc_id = doc.get("_id")
+        if isinstance(doc_id, str) and ConflictResolver.conflicted(doc) and _ours(doc):
+            self._sender.resolve_soon(doc_id)
         if doc_id == "settings":
             self._cht.apply_settings_doc(doc)
             return
@@ -79,6 +83,16 @@ class Dispatcher:
         release = hold() if hold else None
         if not self._sender.offer(doc, release) and release:
             release()
+
+
+def _ours(doc: JsonDict) -> bool:
+    """Documents the daemon writes, whose conflicts it resolves (CHT's own it leaves)."""
+    doc_id = str(doc.get("_id", ""))
+    return (
+        "tasks" in doc
+        or "scheduled_tasks" in doc
+        or doc_id.startswith((REPLICA_PREFIX, INCOMING_PREFIX))
+    )
 
 
 class Sweeper:
@@ -184,6 +198,7 @@ class Gateway:
             settings=settings,
             index=self.index,
             metrics=metrics,
+            on_accepted=self.sender.resolve_soon,
         )
         self.dispatcher = Dispatcher(self.cht, self.sender, self.index, self.presence)
         self.sweeper = Sweeper(couch, self.dispatcher)
@@ -259,6 +274,7 @@ class Gateway:
                 "read credentials", lambda: self.cht.refresh_credentials(force=True)
             )
             await self._retrying("load checkpoint", self.follower.load_checkpoint)
+            await self._retrying("read the database's layout", self.sender.claims.detect)
             await self._retrying("announce replica", self._join)
             self.started.set()
             self._spawn("feed", self.follower.run(self.stop_event))
@@ -272,6 +288,7 @@ class Gateway:
                 instance=self.settings.instance,
                 boot=self.identity.boot,
                 resumed=self.follower.resumed,
+                clustered=self.sender.claims.clustered,
             )
 
     async def _join(self) -> None:

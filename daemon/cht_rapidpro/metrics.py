@@ -51,6 +51,21 @@ class Metrics:
             "CouchDB write conflicts (re-read and re-applied).",
             registry=r,
         )
+        self.conflicts_resolved = Counter(
+            "chtrp_conflicts_resolved_total",
+            "Documents whose conflicting branches (CouchDB cluster) the daemon merged.",
+            registry=r,
+        )
+        self.claims_contested = Counter(
+            "chtrp_claims_contested_total",
+            "Claims another branch of the document contested (resolved, then looked up).",
+            registry=r,
+        )
+        self.claims_uncommitted = Counter(
+            "chtrp_claims_uncommitted_total",
+            "Claim writes CouchDB accepted without quorum (never sent on).",
+            registry=r,
+        )
         self.rapidpro_requests = Counter(
             "chtrp_rapidpro_requests_total",
             "Requests made to RapidPro, by throttle scope.",

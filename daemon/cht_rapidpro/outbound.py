@@ -1,15 +1,21 @@
 """Outgoing sends: a pending task is claimed, sent as a RapidPro broadcast, and written back.
 
 The order per document, and why:
-1. **Claim** (CouchDB write): the task goes to `forwarded-to-gateway` with details naming this
-   process. MVCC lets one writer win, so replicas never send the same task twice.
-2. **Reconcile** (only when an earlier attempt may have reached RapidPro: a crash, a timeout,
-   a 5xx): look for the broadcast in RapidPro before sending again. RapidPro has no
+1. **Claim** (`claims.py`, where the exactly-once argument is written down): the task goes
+   to `forwarded-to-gateway` with details naming this process, and the claim must be
+   *held* (committed with quorum, confirmed against every branch of the document) before
+   anything is posted. Claims run at most a few send slots ahead of sending, so a crash
+   strands little.
+2. **Reconcile** (only when an earlier attempt may have reached RapidPro: a takeover, a
+   timeout, a 5xx): look for the broadcast in RapidPro before sending again. RapidPro has no
    idempotency key; this lookup is ours.
-3. **Send**: `POST /api/v2/broadcasts.json`, within the client-side budget.
+3. **Send**: `POST /api/v2/broadcasts.json`, within the client-side budget, each POST within
+   a quarter of the claim's lease (renewed first when older).
 4. **Write back** with CHT's `setTaskState`: `received-by-gateway` + `gateway_ref`, or `failed`
-   with RapidPro's reason on a 400. A conflict is re-read and re-applied only while the task
-   still carries our claim, so a `cleared`/`muted` set meanwhile is never overwritten.
+   with RapidPro's reason on a 400, while the task is still one we claimed in this attempt
+   and still sendable (so a `cleared`/`muted` set meanwhile is never overwritten). On a
+   cluster a write-back answered `accepted` is checked the way a claim is, and the branches
+   it may have left are merged (`conflicts.py`).
 
 Transient failures never mark a message failed: the job waits (global pause for RapidPro
 outages, per-message backoff for a message that keeps failing) and the claim is renewed
@@ -23,7 +29,6 @@ import functools
 import hashlib
 import re
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -31,21 +36,21 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .cht.outgoing import (
-    Claim,
     MalformedTaskError,
     OutgoingMessage,
     SendableTask,
     TaskRef,
-    claim_details,
-    find_claim,
+    claim_entries,
     same_messages,
     sendable_tasks,
     task_at,
 )
 from .cht.phone import mask, normalize
-from .cht.state import State, set_task_state
+from .cht.state import SENDABLE_STATES, State, set_task_state
 from .chtconfig import ChtConfig
+from .claims import ClaimedTask, Claims, Hold, Identity
 from .config import Settings
+from .conflicts import ConflictResolver
 from .couch.client import BulkWriter, CouchClient, JsonDict, clone
 from .errors import (
     AuthError,
@@ -64,12 +69,18 @@ from .retry import Backoff, Outage, sleep_or_wake
 Release = Callable[[], None]
 #: How many rounds of conflict → re-read → re-apply a write gets before we let it go.
 MAX_WRITE_ROUNDS = 8
+#: Claims held but not yet posted, per send slot (claims no further ahead than sending).
+CLAIMS_PER_SLOT = 2
+#: Looks at an `accepted` write-back before it is written again (it may sit on one copy).
+VERIFY_DELAYS = (0.1, 0.5, 2.0)
 #: Pause after RapidPro refuses our token or URL, unless the configuration changes first.
 CONFIG_PAUSE_S = 60.0
 #: Replicas share the work without a coordinator: each document has a preferred replica
 #: (rendezvous hashing over the live replicas, see `replicas.py`); the others leave it to
 #: that one for HANDOFF_S before claiming it themselves. A lone daemon never waits.
 HANDOFF_S = 0.5
+#: How long a replica leaves a conflicted document to its preferred replica.
+RESOLVE_HANDOFF_S = 2.0
 #: When to look again at a document whose write kept conflicting.
 RETRY_GAVE_UP = timedelta(seconds=30)
 #: How many documents' last own write to remember (to skip our own revisions on the feed).
@@ -85,21 +96,6 @@ def escape_text(text: str) -> str:
 def redact(text: str) -> str:
     """A RapidPro error summary fit for logs: phone numbers (any digit run) removed."""
     return _DIGITS.sub("***", text)
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who claims: the configured instance name and this process's boot id."""
-
-    instance: str
-    boot: str
-
-    @classmethod
-    def new(cls, instance: str) -> Identity:
-        return cls(instance=instance, boot=uuid.uuid4().hex[:12])
-
-    def owns(self, claim: Claim | None) -> bool:
-        return claim is not None and claim.instance == self.instance and claim.boot == self.boot
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,18 +125,24 @@ class MessageJob:
 
 @dataclass(slots=True)
 class TaskJob:
-    ref: TaskRef
+    claim: ClaimedTask
     messages: list[MessageJob]
-    since: datetime  # earliest moment an earlier claimant could have posted
+
+    @property
+    def ref(self) -> TaskRef:
+        return self.claim.ref
 
 
 @dataclass(slots=True)
 class DocJob:
-    doc: JsonDict  # our latest revision of the document (carries our claims)
+    hold: Hold  # our held claims (and our latest revision of the document)
     tasks: list[TaskJob]
-    claimed_at: float  # monotonic time of our last claim write
     releases: list[Release]
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def doc(self) -> JsonDict:
+        return self.hold.doc
 
 
 @dataclass(slots=True)
@@ -262,6 +264,7 @@ class OutgoingSender:
         presence: Presence,
         is_taken: Callable[[Any], bool] = lambda _ref: False,
         max_active: int = 256,
+        resolver: ConflictResolver | None = None,
     ) -> None:
         self._couch = couch
         self._writer = writer
@@ -299,6 +302,23 @@ class OutgoingSender:
         self._pause_target: Target | None = None
         self._pause_reason = ""
         self._claim_ttl = timedelta(seconds=settings.claim_ttl_s)
+        # A job holds a slot from its claim until its last POST: claims never run more
+        # than CLAIMS_PER_SLOT x SEND_CONCURRENCY documents ahead of sending.
+        self._claim_slots = asyncio.Semaphore(settings.send_concurrency * CLAIMS_PER_SLOT)
+        self.resolver = resolver or ConflictResolver(
+            couch, metrics, on_written=self._remember_write
+        )
+        self.claims = Claims(
+            couch=couch,
+            writer=writer,
+            resolver=self.resolver,
+            identity=identity,
+            settings=settings,
+            metrics=metrics,
+            pause=self._sleep,
+            couch_outage=self._couch_outage,
+            on_written=self._remember_write,
+        )
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -319,7 +339,7 @@ class OutgoingSender:
             self._metrics.bad_documents.inc()
             self._log.warning("task_skipped", doc_id=doc_id, task=ref.key, problem=problem)
 
-        if self._outdated(doc_id, doc.get("_rev")):
+        if self._outdated(doc_id, doc.get("_rev")) and not ConflictResolver.conflicted(doc):
             return False  # a revision before our own last write: nothing new in it
         try:
             sendable = sendable_tasks(doc, malformed)
@@ -347,6 +367,15 @@ class OutgoingSender:
             self._wake.set()
         self._metrics.send_queue.set(len(self._queue))
         return True
+
+    def resolve_soon(self, doc_id: str) -> None:
+        """Merge a document's conflicting branches (seen on the feed, or left by an
+        `accepted` write) unless a job working on it does so itself. Replicas other than
+        the document's preferred one wait a moment: most often it has done it by then."""
+        if doc_id in self._active or doc_id in self._queue or self._stopping:
+            return
+        delay = 0.0 if self._preferred(doc_id) else RESOLVE_HANDOFF_S
+        self._spawn(self._resolve_later(doc_id, delay), f"resolve:{doc_id}")
 
     def _remember_write(self, doc_id: str, rev: str | None) -> None:
         generation = _generation(rev)
@@ -475,10 +504,15 @@ class OutgoingSender:
             if not self._preferred(doc_id):
                 await self._sleep(HANDOFF_S)  # its preferred replica may take it meanwhile
                 doc = await self._reread(doc_id)
-            job = await self._claim(doc, releases) if doc is not None else None
-            if job is None:
+            if doc is None:
                 return
-            await self._send_all(job)
+            async with self._claim_slots:
+                if self._stopping:
+                    raise _Stopping
+                job = await self._claim(doc, releases)
+                if job is None:
+                    return
+                await self._send_all(job)
             await self._write_back(job)
         except (_Stopping, asyncio.CancelledError):
             # Not handled: keep the checkpoint before this document (if not already parked).
@@ -491,109 +525,25 @@ class OutgoingSender:
         finally:
             _release_all(releases)
 
-    def _plan(self, doc: JsonDict, now: datetime) -> tuple[list[SendableTask], datetime | None]:
-        """Which tasks to claim now, and when a live foreign claim expires (to look again)."""
-        take: list[SendableTask] = []
-        recheck: datetime | None = None
-        # Malformed tasks were reported when the document was offered.
-        sendable = sendable_tasks(doc, on_malformed=lambda ref, problem: None)
-        self._note_peers(sendable)
-        for task in sendable:
-            claim = task.claim
-            if claim is None or claim.instance == self.identity.instance:
-                # Unclaimed, or claimed by this instance: by an earlier boot (crashed) or by
-                # this process outside any live job (its job ended without a write-back).
-                take.append(task)
-            elif claim.at is None or now - claim.at >= self._claim_ttl:
-                take.append(task)  # the claimant stopped renewing: it is gone
-            else:
-                expiry = claim.at + self._claim_ttl
-                recheck = expiry if recheck is None else min(recheck, expiry)
-        return take, recheck
-
     async def _claim(self, doc: JsonDict, releases: list[Release]) -> DocJob | None:
-        """Write our claim on every sendable task of `doc`; None if nothing is ours to send."""
+        """Claim and hold every task of `doc` that is ours to send (see `claims.py`)."""
         doc_id = str(doc["_id"])
-        conflicts = 0  # only conflicts count: an outage is waited out, however long
-        while conflicts < MAX_WRITE_ROUNDS:
-            now = datetime.now(UTC)
-            try:
-                take, recheck = self._plan(doc, now)
-            except MalformedTaskError as exc:
-                self._metrics.bad_documents.inc()
-                self._log.warning("document_skipped", doc_id=doc_id, problem=str(exc))
-                return None
-            if recheck is not None:
-                self._schedule_recheck(doc_id, recheck)
-            if not take:
-                return None
-            claimed = clone(doc)
-            tasks: list[TaskJob] = []
-            details = claim_details(self.identity.instance, self.identity.boot)
-            for sendable in take:
-                task = task_at(claimed, sendable.ref)
-                assert task is not None
-                prior = sendable.claim
-                set_task_state(task, State.FORWARDED_TO_GATEWAY, dict(details))
-                since = (prior.since if prior else None) or now
-                if prior is not None and prior.since is None:
-                    since = now - timedelta(seconds=self._settings.max_tracking_s)
-                tasks.append(
-                    TaskJob(
-                        ref=sendable.ref,
-                        messages=[
-                            self._message_job(m, prior is not None, self._settle_until(prior, now))
-                            for m in sendable.messages
-                        ],
-                        since=since,
-                    )
-                )
-            try:
-                result = await self._writer.write(claimed)
-            except RetryableError as exc:
-                self._log.warning("claim_retrying", doc_id=doc_id, error=str(exc))
-                await self._sleep(self._couch_outage.failed())
-                continue
-            self._couch_outage.recovered()
-            if result.ok:
-                claimed["_rev"] = result.rev
-                self._remember_write(doc_id, result.rev)
-                for job in tasks:
-                    if any(m.uncertain for m in job.messages):
-                        self._log.info(
-                            "claim_taken_over",
-                            doc_id=doc_id,
-                            task=job.ref.key,
-                            since=job.since.isoformat(),
-                        )
-                return DocJob(claimed, tasks, time.monotonic(), releases)
-            if not result.conflict:
-                self._log.error("claim_refused", doc_id=doc_id, error=result.error)
-                return None
-            self._metrics.write_conflicts.inc()
-            conflicts += 1
-            latest = await self._reread(doc_id)
-            if latest is None:
-                return None
-            doc = latest
-        # Others keep writing the document: each of their writes shows it on the feed again.
-        self._log.warning("claim_gave_up", doc_id=doc_id, rounds=conflicts)
-        return None
-
-    def _settle_until(self, prior: Claim | None, now: datetime) -> float:
-        """When a POST by the earlier claimant must have reached RapidPro, as monotonic time.
-
-        A claimant posts only while its claim is younger than TTL/4 (it renews first), and a
-        POST it started lands at most SEND_TIMEOUT later; TTL/2 leaves room for a stalled
-        process. Takeovers after the TTL need no wait;
-        a restart after a crash may.
-        """
-        if prior is None or prior.at is None:
-            return 0.0
-        latest_post = (
-            prior.at + self._claim_ttl / 2 + timedelta(seconds=self._settings.send_timeout_s)
-        )
-        return time.monotonic() + max(0.0, (latest_post - now).total_seconds())
+        try:
+            self._note_peers(sendable_tasks(doc, on_malformed=lambda ref, problem: None))
+        except MalformedTaskError as exc:
+            self._metrics.bad_documents.inc()
+            self._log.warning("document_skipped", doc_id=doc_id, problem=str(exc))
+            return None
+        result = await self.claims.claim(doc)
+        if result.recheck is not None:
+            self._schedule_recheck(doc_id, result.recheck)
+        if result.hold is None:
+            return None
+        tasks = [
+            TaskJob(claim, [self._message_job(m, claim.takeover) for m in claim.messages])
+            for claim in result.hold.tasks
+        ]
+        return DocJob(result.hold, tasks, releases)
 
     def _message_job(
         self, message: OutgoingMessage, uncertain: bool, settle_until: float = 0.0
@@ -619,6 +569,10 @@ class OutgoingSender:
                         await self._attempt(job, task, message)
             except _TaskLost:
                 self._log.warning("claim_lost", doc_id=job.doc["_id"], task=task.ref.key)
+            except _Abandon as exc:
+                # What was sent before is still written back.
+                self._log.info("send_abandoned", doc_id=job.doc["_id"], reason=str(exc))
+                return
 
     async def _attempt(self, job: DocJob, task: TaskJob, message: MessageJob) -> None:
         doc_id = str(job.doc["_id"])
@@ -647,7 +601,7 @@ class OutgoingSender:
                     target,
                     [message.urn],
                     message.text,
-                    before_request=lambda: self._still_ours(job, task),
+                    before_request=lambda: self._still_ours(job, task, message),
                 )
         except PermanentError as exc:
             if isinstance(exc, AuthError | UpstreamConfigError):
@@ -668,6 +622,8 @@ class OutgoingSender:
                 message.uncertain = True
                 # RapidPro may still be working on the request we gave up on.
                 message.settle_until = time.monotonic() + self._settings.send_timeout_s
+            elif not message.uncertain:
+                self.claims.not_posted(message.message.uuid)  # nothing reached RapidPro
             await self._retry_later(job, message, exc, log)
             return
         self._outage.recovered()
@@ -690,7 +646,7 @@ class OutgoingSender:
     ) -> Broadcast | None:
         while True:
             try:
-                return await self._reconciler.find(target, message, task.since)
+                return await self._reconciler.find(target, message, task.claim.since)
             except RetryableError as exc:
                 log.warning("reconcile_retrying", error=str(exc))
                 await self._sleep(message.backoff.next_delay())
@@ -759,46 +715,35 @@ class OutgoingSender:
         if await sleep_or_wake(self._stop_event, seconds) or self._stopping:
             raise _Stopping
 
-    async def _still_ours(self, job: DocJob, task: TaskJob) -> None:
+    async def _still_ours(self, job: DocJob, task: TaskJob, message: MessageJob) -> None:
+        """The last word before a POST: the claim is held and young (H3 in `claims.py`)."""
         await self._renew_if_stale(job)
         if task not in job.tasks:
             raise _TaskLost  # another writer took this task meanwhile: do not post
+        self.claims.posting(message.message.uuid)
 
     async def _renew_if_stale(self, job: DocJob) -> None:
-        """Before a POST: re-write our claims unless they are younger than TTL/4.
+        """Before a POST: renew our claims unless their commit is younger than TTL/4.
 
-        So every POST starts within TTL/4 of a claim write that CouchDB accepted, and lands
-        within TTL/4 + SEND_TIMEOUT; another replica takes a claim over only after TTL, and
-        looks the message up in RapidPro before sending it (see `_settle_until`).
+        So every POST starts within TTL/4 of a held claim and lands within TTL/4 +
+        SEND_TIMEOUT; another replica takes a claim over only after TTL, and looks the
+        message up in RapidPro before sending it (`claims.py`, H3 and H4).
         """
-        if time.monotonic() - job.claimed_at < self._claim_ttl.total_seconds() / 4:
+        if time.monotonic() - job.hold.committed_at < self._claim_ttl.total_seconds() / 4:
             return
-        details = claim_details(self.identity.instance, self.identity.boot)
-
-        def renew(doc: JsonDict) -> bool:
-            kept = []
-            for task_job in job.tasks:
-                task = task_at(doc, task_job.ref)
-                if task is None or not self.identity.owns(find_claim(task)):
-                    continue
-                if not same_messages(task, tuple(m.message for m in task_job.messages)):
-                    continue
-                set_task_state(task, State.FORWARDED_TO_GATEWAY, dict(details))
-                kept.append(task_job)
-            job.tasks[:] = kept
-            return bool(kept)
-
-        written = await self._update(job.doc, renew, what="claim_renewal")
-        if written is None:
+        held = await self.claims.renew(job.hold)
+        job.tasks[:] = [task for task in job.tasks if task.claim in job.hold.tasks]
+        if not held:
             raise _Abandon("claims lost to another writer")
-        job.doc = written
-        job.claimed_at = time.monotonic()
 
     # -- write-back -----------------------------------------------------------------------
 
     async def _write_back(self, job: DocJob) -> None:
         doc_id = str(job.doc["_id"])
-        results = {task.ref: task for task in job.tasks}
+        results = {
+            task.ref: task for task in job.tasks if any(m.result is not None for m in task.messages)
+        }
+        me = self.identity
 
         def apply(doc: JsonDict) -> bool:
             changed = False
@@ -808,9 +753,14 @@ class OutgoingSender:
                     continue  # an earlier try landed though its answer was lost
                 if (
                     task is None
-                    or not self.identity.owns(find_claim(task))
+                    or task.get("state") not in SENDABLE_STATES
+                    or not any(
+                        e.instance == me.instance and e.boot == me.boot for e in claim_entries(task)
+                    )
                     or not same_messages(task, tuple(m.message for m in task_job.messages))
                 ):
+                    # Not the task we claimed and posted for any more (cleared, muted,
+                    # resent, written by another claimant): what happened stays in the log.
                     self._log.warning(
                         "write_back_skipped",
                         doc_id=doc_id,
@@ -822,12 +772,21 @@ class OutgoingSender:
                     changed |= _apply_result(task, message.result)
             return changed
 
-        await self._update(job.doc, apply, what="write_back")
+        await self._update(job.doc, apply, what="write_back", siblings=job.hold.siblings)
 
     async def _update(
-        self, doc: JsonDict, change: Callable[[JsonDict], bool], *, what: str
+        self,
+        doc: JsonDict,
+        change: Callable[[JsonDict], bool],
+        *,
+        what: str,
+        siblings: bool = False,
     ) -> JsonDict | None:
         """Apply `change` to `doc` and write it; on conflict re-read and re-apply.
+
+        A write answered `accepted` (a cluster without quorum) is looked for among the
+        document's leaves, and written again if no copy read has it; conflicting branches
+        (`siblings`: seen when the claim was confirmed) are merged afterwards.
 
         Returns the written revision, or None if `change` found nothing to do.
         """
@@ -849,9 +808,18 @@ class OutgoingSender:
                 await self._sleep(backoff.next_delay())
                 current = clone(doc)
                 continue
-            if result.ok:
+            if result.ok and result.rev is not None:
                 current["_rev"] = result.rev
                 self._remember_write(doc_id, result.rev)
+                if not result.committed and not await self._verify(doc_id, result.rev):
+                    self._log.warning(f"{what}_unconfirmed", doc_id=doc_id, rev=result.rev)
+                    latest = await self._reread(doc_id)
+                    if latest is None:
+                        return None
+                    doc, current = latest, clone(latest)
+                    continue
+                if siblings or not result.committed:
+                    self._spawn(self._resolve_later(doc_id), f"resolve:{doc_id}")
                 return current
             if not result.conflict:
                 self._log.error(f"{what}_refused", doc_id=doc_id, error=result.error)
@@ -869,13 +837,37 @@ class OutgoingSender:
             doc = latest
             current = clone(latest)
 
+    async def _verify(self, doc_id: str, rev: str) -> bool:
+        """Whether a read quorum of copies has our `accepted` revision (or its descendants)."""
+        for delay in VERIFY_DELAYS:
+            try:
+                leaves = await self._couch.leaves(doc_id)
+            except RetryableError as exc:
+                self._log.warning("verify_retrying", doc_id=doc_id, error=str(exc))
+                leaves = []
+            if any(leaf.descends_from(rev) for leaf in leaves):
+                return True
+            await self._sleep(delay)
+        return False
+
+    async def _resolve_later(self, doc_id: str, delay: float = 0.0) -> None:
+        """Merge the branches our writes may have left (a cluster); failures are retried by
+        the next look at the document."""
+        try:
+            if delay:
+                await self._sleep(delay)
+            await self.resolver.resolve(doc_id)
+        except GatewayError as exc:
+            self._log.warning("resolve_retrying", doc_id=doc_id, error=str(exc))
+            self._schedule_recheck(doc_id, datetime.now(UTC) + RETRY_GAVE_UP)
+
     async def _reread(self, doc_id: str) -> JsonDict | None:
         backoff = Backoff(
             initial=self._settings.retry_initial_s, maximum=self._settings.retry_max_s
         )
         while True:
             try:
-                return await self._couch.get(doc_id)
+                return await self._couch.get(doc_id, conflicts=True)
             except RetryableError as exc:
                 self._log.warning("reread_retrying", doc_id=doc_id, error=str(exc))
                 await self._sleep(backoff.next_delay())

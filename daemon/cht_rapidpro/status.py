@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -146,7 +146,9 @@ class StatusPoller:
         settings: Settings,
         index: InFlightIndex,
         metrics: Metrics,
+        on_accepted: Callable[[str], None] = lambda _doc_id: None,
     ) -> None:
+        self._on_accepted = on_accepted  # a write without quorum: merge what it may leave
         self._couch = couch
         self._writer = writer
         self._rapidpro = rapidpro
@@ -296,6 +298,8 @@ class StatusPoller:
             for (doc, applied), result in zip(writes, results, strict=True):
                 if result.ok:
                     doc["_rev"] = result.rev
+                    if result.accepted:
+                        self._on_accepted(str(doc["_id"]))
                     report.updated += len(applied)
                     for update in applied:
                         state, _ = STATUS_MAP[update.status]

@@ -16,6 +16,7 @@ from cht_rapidpro.cht.outgoing import (
     TaskRef,
     claim_age,
     claim_details,
+    claim_entries,
     find_claim,
     in_flight_tasks,
     iter_tasks,
@@ -309,13 +310,39 @@ def test_consecutive_claims_keep_the_first_as_since() -> None:
     assert claim == Claim(instance="other:5989", boot="boot-2", at=T2, since=T0)
 
 
-def test_claim_run_is_bounded_by_an_earlier_non_claim_entry() -> None:
+def test_claims_of_an_earlier_attempt_do_not_count() -> None:
+    """A resend (failed, then pending again) starts a new attempt: the old claims are done."""
     claimed_task = claimed(T0)
-    set_task_state(claimed_task, "pending", now=T1)  # e.g. released after a failed send
+    set_task_state(claimed_task, "failed", "Failed", now=T0 + timedelta(seconds=1))
+    set_task_state(claimed_task, "pending", now=T1)
     set_task_state(claimed_task, State.FORWARDED_TO_GATEWAY, claim_details("a", "b"), now=T2)
     claim = find_claim(claimed_task)
     assert claim is not None
     assert (claim.at, claim.since) == (T2, T2)
+    assert [e.timestamp for e in claim_entries(claimed_task)] == [ISO2]
+
+
+def test_every_claim_of_the_attempt_counts_wherever_it_sits() -> None:
+    """A `pending` entry inside an attempt (e.g. merged in from a conflicting branch) does not
+    hide earlier claims: any of them may have posted, so the lookup window starts at the
+    first."""
+    claimed_task = claimed(T0)
+    set_task_state(claimed_task, "pending", now=T1)
+    set_task_state(claimed_task, State.FORWARDED_TO_GATEWAY, claim_details("a", "b"), now=T2)
+    claim = find_claim(claimed_task)
+    assert claim is not None
+    assert (claim.at, claim.since) == (T2, T0)
+    assert {e.instance for e in claim_entries(claimed_task)} == {"host:5989", "a"}
+
+
+def test_claim_times_come_from_the_entries_not_their_order() -> None:
+    """Merged histories can hold claims out of order: `at` is the newest, `since` the oldest."""
+    claimed_task = task("forwarded-to-gateway", message(1), state_details=claim_details("a", "b"))
+    claimed_task["state_history"] = [
+        {"state": "forwarded-to-gateway", "state_details": claim_details("a", "b"), "timestamp": t}
+        for t in (ISO1, ISO2, ISO0)
+    ]
+    assert find_claim(claimed_task) == Claim(instance="a", boot="b", at=T2, since=T0)
 
 
 def test_claim_is_found_by_sendable_tasks() -> None:
@@ -377,8 +404,8 @@ def test_not_a_claim(candidate: dict[str, Any]) -> None:
                 },
                 "garbage",
             ],
-            None,
-            None,
+            T1,
+            T1,
         ),
     ],
     ids=[
@@ -389,7 +416,7 @@ def test_not_a_claim(candidate: dict[str, Any]) -> None:
         "last-entry-not-an-object",
     ],
 )
-def test_claim_without_usable_history_has_no_times(
+def test_claim_times_from_imperfect_histories(
     history: list[Any] | None, at: datetime | None, since: datetime | None
 ) -> None:
     candidate = task("forwarded-to-gateway", message(1), state_details=claim_details("a", "b"))
@@ -397,7 +424,7 @@ def test_claim_without_usable_history_has_no_times(
         candidate["state_history"] = history
     claim = find_claim(candidate)
     assert claim == Claim(instance="a", boot="b", at=at, since=since)
-    assert claim_age(claim, T2) is None
+    assert claim_age(claim, T2) == (None if at is None else T2 - at)
 
 
 def test_claim_age() -> None:

@@ -104,32 +104,72 @@ def _history(task: Mapping[str, Any]) -> list[Any]:
     return history
 
 
+#: A `pending`/`scheduled` entry after a state outside this set starts a new send attempt
+#: (a resend from the web app, an unmuted schedule): earlier claims belong to the old one.
+_WITHIN_ATTEMPT = frozenset({State.SCHEDULED, State.PENDING, State.FORWARDED_TO_GATEWAY})
+
+
+def current_attempt(task: Mapping[str, Any]) -> list[Any]:
+    """The `state_history` entries of the task's current send attempt.
+
+    An attempt ends with any state other than scheduled/pending/forwarded-to-gateway
+    (received-by-gateway, failed, cleared, …); what follows is a new attempt. Within one
+    attempt every claim entry counts, wherever it sits: histories merged from conflicting
+    branches (see `merge.py`) interleave entries by time.
+    """
+    history = _history(task)
+    start = 0
+    for index, entry in enumerate(history):
+        if isinstance(entry, dict) and entry.get("state") not in _WITHIN_ATTEMPT:
+            start = index + 1
+    return history[start:]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimEntry:
+    """One claim entry of a task's history: who claimed, and when."""
+
+    instance: str
+    boot: str
+    timestamp: str
+
+
+def claim_entries(task: Mapping[str, Any]) -> frozenset[ClaimEntry]:
+    """Every claim written on the task in its current attempt, by anyone."""
+    found = set()
+    for entry in current_attempt(task):
+        if (
+            isinstance(entry, dict)
+            and entry.get("state") == State.FORWARDED_TO_GATEWAY
+            and _is_claim_details(details := entry.get("state_details"))
+        ):
+            found.add(
+                ClaimEntry(
+                    instance=str(details.get("instance", "")),
+                    boot=str(details.get("boot", "")),
+                    timestamp=str(entry.get("timestamp", "")),
+                )
+            )
+    return frozenset(found)
+
+
 def find_claim(task: Mapping[str, Any]) -> Claim | None:
-    """The claim on `task`, if its current state is one of our claims."""
+    """The claim on `task`, if its current state is one of our claims.
+
+    `at` is the newest claim entry of the current attempt (the claim's lease starts there),
+    `since` the oldest (any claimant of this attempt may have posted after it).
+    """
     details = task.get("state_details")
     if task.get("state") != State.FORWARDED_TO_GATEWAY or not _is_claim_details(details):
         return None
-    history = _history(task)
-    at: datetime | None = None
-    since: datetime | None = None
-    # Walk back over the trailing run of claim entries: the first of them bounds the time
-    # window in which any earlier claimant may have posted the message.
-    for entry in reversed(history):
-        if not (
-            isinstance(entry, dict)
-            and entry.get("state") == State.FORWARDED_TO_GATEWAY
-            and _is_claim_details(entry.get("state_details"))
-        ):
-            break
-        stamp = parse_iso(entry.get("timestamp"))
-        if at is None:
-            at = stamp
-        since = stamp
+    stamps = [
+        stamp for entry in claim_entries(task) if (stamp := parse_iso(entry.timestamp)) is not None
+    ]
     return Claim(
         instance=str(details.get("instance", "")),
         boot=str(details.get("boot", "")),
-        at=at,
-        since=since,
+        at=max(stamps) if stamps else None,
+        since=min(stamps) if stamps else None,
     )
 
 

@@ -107,19 +107,51 @@ def _from_status(what: str, status: int, reason: str) -> GatewayError:
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """One row of a `_bulk_docs` answer."""
+    """One row of a `_bulk_docs` answer.
+
+    On a CouchDB cluster a row can be `ok` and `accepted` at once: the revision reached at
+    least one copy of the shard but fewer than the write quorum, possibly because the other
+    copies refused it as a conflict (couchdb-real.md §3). Only a `committed` write excludes
+    every competing write from the same parent revision.
+    """
 
     id: str
     rev: str | None
     error: str | None
+    accepted: bool = False
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     @property
+    def committed(self) -> bool:
+        """Written with quorum (always so on a single node)."""
+        return self.error is None and not self.accepted
+
+    @property
     def conflict(self) -> bool:
         return self.error == "conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """One leaf revision of a document, with its ancestry (`open_revs=all&revs=true`)."""
+
+    rev: str
+    ancestry: tuple[str, ...]  # this revision first, then its ancestors (full rev ids)
+    deleted: bool
+    doc: JsonDict
+
+    def descends_from(self, rev: str) -> bool:
+        """Whether `rev` is this leaf or one of its ancestors."""
+        return rev in self.ancestry
+
+
+def revision_key(rev: str) -> tuple[int, str]:
+    """CouchDB's order of revisions: generation, then revision id (the winner is the max)."""
+    head, _, tail = rev.partition("-")
+    return (int(head) if head.isdigit() else 0, tail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,15 +239,29 @@ class CouchClient:
 
     # -- documents (aiocouch) -------------------------------------------------------------
 
-    async def get(self, doc_id: str, *, db: aiocouch.Database | None = None) -> JsonDict | None:
-        """A document, or None if it does not exist (or was deleted)."""
+    async def get(
+        self, doc_id: str, *, db: aiocouch.Database | None = None, conflicts: bool = False
+    ) -> JsonDict | None:
+        """A document, or None if it does not exist (or was deleted).
+
+        `conflicts=True` adds `_conflicts` when the copies read know of conflicting branches.
+        """
+        if conflicts:
+            url = self._url(db.id if db is not None else self.target.db, doc_id)
+            try:
+                doc: JsonDict = await self._request_json(
+                    "GET", url, f"get {doc_id}", params={"conflicts": "true"}
+                )
+            except NotFoundError:
+                return None
+            return doc
         database = db or self.db
         try:
             with mapped_errors(f"get {doc_id}"):
-                doc = await database.get(doc_id)
+                found = await database.get(doc_id)
         except NotFoundError:
             return None
-        return dict(doc._data) if doc.exists else None
+        return dict(found._data) if found.exists else None
 
     async def get_many(self, doc_ids: Sequence[str]) -> dict[str, JsonDict]:
         """Current revisions of existing documents among `doc_ids` (one request)."""
@@ -227,6 +273,46 @@ class CouchClient:
                 if doc.exists:
                     found[doc.id] = dict(doc._data)
         return found
+
+    async def leaves(self, doc_id: str) -> list[Leaf]:
+        """Every leaf revision of a document, deleted ones included (`open_revs=all`).
+
+        On a cluster CouchDB merges the revision trees of at least a read quorum of copies
+        (`fabric_doc_open_revs`), so a revision written with quorum is always among the
+        leaves or their ancestors. Plain `GET ?conflicts=true` gives no such promise: it
+        returns one copy's view of the conflicts.
+        """
+        params = {"open_revs": "all", "revs": "true"}
+        try:
+            rows = await self._request_json(
+                "GET", self._url(self.target.db, doc_id), f"leaves {doc_id}", params=params
+            )
+        except NotFoundError:
+            return []
+        if not isinstance(rows, list):
+            raise RetryableError(f"leaves {doc_id}: CouchDB answered with an unexpected body")
+        found = []
+        for row in rows:
+            doc = row.get("ok") if isinstance(row, dict) else None
+            if not isinstance(doc, dict) or not isinstance(doc.get("_rev"), str):
+                continue  # {"missing": rev}: a leaf no copy we read has the body of
+            revisions = doc.pop("_revisions", None) or {}
+            start, ids = revisions.get("start"), revisions.get("ids")
+            if isinstance(start, int) and isinstance(ids, list) and ids:
+                ancestry = tuple(f"{start - i}-{rev_id}" for i, rev_id in enumerate(ids))
+            else:
+                ancestry = (doc["_rev"],)
+            found.append(
+                Leaf(rev=doc["_rev"], ancestry=ancestry, deleted=bool(doc.get("_deleted")), doc=doc)
+            )
+        return found
+
+    async def replica_count(self) -> int:
+        """How many copies of each shard the database keeps (`cluster.n`; 1 if not a cluster)."""
+        info = await self.db_info()
+        cluster = info.get("cluster")
+        n = cluster.get("n") if isinstance(cluster, dict) else None
+        return n if isinstance(n, int) and n > 0 else 1
 
     async def bulk_write(self, docs: Sequence[JsonDict]) -> list[WriteResult]:
         """Write documents with `_bulk_docs`; conflicts come back per row, not raised.
@@ -246,7 +332,12 @@ class CouchClient:
         for body, row in zip(docs, rows, strict=True):
             if not isinstance(row, dict) or row.get("id") != body["_id"]:
                 raise RetryableError("bulk write: CouchDB answered rows out of order")
-            result = WriteResult(id=row["id"], rev=row.get("rev"), error=row.get("error"))
+            result = WriteResult(
+                id=row["id"],
+                rev=row.get("rev"),
+                error=row.get("error"),
+                accepted=row.get("accepted") is True,
+            )
             if result.ok:
                 body["_rev"] = result.rev
             results.append(result)
@@ -316,7 +407,9 @@ class CouchClient:
         Heartbeats keep the connection alive while it waits; a silent connection for two
         heartbeat periods counts as dead (retryable).
         """
-        params = {"limit": str(limit), "style": "main_only"}
+        # `conflicts=true`: a document with conflicting branches shows `_conflicts` (this
+        # node's view of them), so that the daemon resolves the ones it caused.
+        params = {"limit": str(limit), "style": "main_only", "conflicts": "true"}
         if since is not None:
             params["since"] = since if isinstance(since, str) else json.dumps(since)
         if include_docs:
