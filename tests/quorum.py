@@ -83,23 +83,32 @@ class QuorumProxy:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.url = ""
+        self.port = 0
 
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(headers={**HEADERS, **self._auth})
+    async def start(self, port: int = 0) -> None:
+        """Serve (on `port`, e.g. to come back where clients expect this node)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers={**HEADERS, **self._auth})
         app = web.Application(client_max_size=64 * 1024**2)
         app.router.add_route("*", "/{path:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{self.port}"
 
-    async def stop(self) -> None:
+    async def down(self) -> None:
+        """The node stops answering (its clients see connection errors)."""
         if self._runner is not None:
             await self._runner.cleanup()
+            self._runner = None
+
+    async def stop(self) -> None:
+        await self.down()
         if self._session is not None:
             await self._session.close()
+            self._session = None
 
     def db_url(self, db: str, user: str, password: str) -> str:
         host = self.url.removeprefix("http://")

@@ -114,6 +114,8 @@ from .retry import Outage
 
 #: Rounds of conflict → re-read → re-plan a claim gets before it is left to the feed.
 MAX_WRITE_ROUNDS = 8
+#: When to look again at a document whose claim kept conflicting.
+GAVE_UP_RECHECK = timedelta(seconds=30)
 #: Writes on top of an uncommitted claim before stepping back from it.
 MAX_COMMIT_TRIES = 2
 #: Message ids remembered as claimed by this process and never posted.
@@ -380,8 +382,9 @@ class Claims:
             if outcome is None:
                 return ClaimResult(None, plan.recheck)
             doc = outcome
+        # Others keep writing the document: look again once they may have settled.
         self._log.warning("claim_gave_up", doc_id=doc_id, rounds=rounds)
-        return ClaimResult(None)
+        return ClaimResult(None, datetime.now(UTC) + GAVE_UP_RECHECK)
 
     async def _write_claims(
         self, doc: JsonDict, tasks: list[ClaimedTask]

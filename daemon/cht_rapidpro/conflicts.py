@@ -121,6 +121,7 @@ class ConflictResolver:
                 leaves = await self._couch.leaves(doc_id)
             alive = live(leaves)
             if len(alive) < 2:
+                self._log.debug("conflict_gone", doc_id=doc_id, leaves=len(leaves))
                 return Resolution(alive[0].doc if alive else None, False, 0, 0)
             merged, disposable, kept = plan_resolution(leaves)
             current = alive[0].doc

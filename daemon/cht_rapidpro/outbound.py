@@ -274,7 +274,8 @@ class OutgoingSender:
         self.identity = identity
         self._metrics = metrics
         self._presence = presence
-        self._written: OrderedDict[str, int] = OrderedDict()  # doc id -> our last write's gen
+        self._written: OrderedDict[str, tuple[str, ...]] = OrderedDict()  # our latest revs
+        self._resolve_after: set[str] = set()  # conflicted while a job had them
         self._max_active = max_active
         self._log = get_logger(component="sender")
         self._reconciler = Reconciler(
@@ -372,28 +373,32 @@ class OutgoingSender:
         """Merge a document's conflicting branches (seen on the feed, or left by an
         `accepted` write) unless a job working on it does so itself. Replicas other than
         the document's preferred one wait a moment: most often it has done it by then."""
-        if doc_id in self._active or doc_id in self._queue or self._stopping:
+        if self._stopping:
+            return
+        if doc_id in self._active or doc_id in self._queue:
+            self._resolve_after.add(doc_id)  # once the job is done with it
             return
         delay = 0.0 if self._preferred(doc_id) else RESOLVE_HANDOFF_S
+        self._log.debug("conflict_seen", doc_id=doc_id, delay_s=delay)
         self._spawn(self._resolve_later(doc_id, delay), f"resolve:{doc_id}")
 
     def _remember_write(self, doc_id: str, rev: str | None) -> None:
-        generation = _generation(rev)
-        if generation is None:
+        if rev is None:
             return
-        self._written[doc_id] = generation
+        self._written[doc_id] = (*self._written.get(doc_id, ())[-3:], rev)
         self._written.move_to_end(doc_id)
         if len(self._written) > WRITTEN_MEMORY:
             self._written.popitem(last=False)
 
     def _outdated(self, doc_id: str, rev: Any) -> bool:
-        """Whether `rev` is older than (or is) a revision this process wrote itself.
+        """Whether `rev` is one of the revisions this process wrote itself lately.
 
         The feed shows our own writes back to us (a claim, then its write-back): acting on
-        them would only cost a conflicting write and a re-read.
+        them would only cost a conflicting write and a re-read. Revisions are matched
+        exactly: on a cluster another writer's revision can be of the same generation as
+        ours (a sibling branch), and it must not be skipped.
         """
-        generation, written = _generation(rev), self._written.get(doc_id)
-        return generation is not None and written is not None and generation <= written
+        return isinstance(rev, str) and rev in self._written.get(doc_id, ())
 
     @property
     def queued(self) -> int:
@@ -460,6 +465,9 @@ class OutgoingSender:
                 self._queue[doc_id].releases += deferred.releases
         elif deferred is not None:
             _release_all(deferred.releases)
+        if doc_id in self._resolve_after and doc_id not in self._queue:
+            self._resolve_after.discard(doc_id)
+            self.resolve_soon(doc_id)
         self._wake.set()
         self._update_idle()
 
@@ -570,8 +578,10 @@ class OutgoingSender:
             except _TaskLost:
                 self._log.warning("claim_lost", doc_id=job.doc["_id"], task=task.ref.key)
             except _Abandon as exc:
-                # What was sent before is still written back.
+                # What was sent before is still written back; what was not, is looked at
+                # again once a claim left behind may have expired.
                 self._log.info("send_abandoned", doc_id=job.doc["_id"], reason=str(exc))
+                self._schedule_recheck(str(job.doc["_id"]), datetime.now(UTC) + self._claim_ttl)
                 return
 
     async def _attempt(self, job: DocJob, task: TaskJob, message: MessageJob) -> None:
@@ -913,14 +923,6 @@ class OutgoingSender:
             return
         if doc is not None:
             self.offer(doc)
-
-
-def _generation(rev: Any) -> int | None:
-    """The generation of a revision id (`"3-abc…"` → 3); revisions are ordered by it."""
-    if not isinstance(rev, str):
-        return None
-    head, _, _ = rev.partition("-")
-    return int(head) if head.isdigit() else None
 
 
 def _already_written(task: JsonDict, task_job: TaskJob) -> bool:
