@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 
 from cht_rapidpro import logs
@@ -148,7 +149,10 @@ class RunningDaemon:
         return gateway_of(self.app)
 
     async def start(self) -> None:
-        await self.runner.setup()
+        # Tasks started here inherit the binding: several daemons in one test process
+        # tell their log lines apart by it.
+        with structlog.contextvars.bound_contextvars(daemon=self.settings.instance):
+            await self.runner.setup()
         site = web.TCPSite(self.runner, self.settings.listen_host, self.settings.listen_port)
         await site.start()
         port = self.runner.addresses[0][1]

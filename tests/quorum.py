@@ -32,7 +32,7 @@ import base64
 import enum
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,9 @@ class QuorumProxy:
         self.stale_reads: dict[str, str] = {}
         self.lost: list[tuple[str, dict[str, Any]]] = []  # (db, doc with its new rev)
         self.lost_written = asyncio.Event()  # set when a write is lost
+        # Runs after a MINORITY branch is stored, before the write is answered (e.g. another
+        # process resolving the conflict in between).
+        self.after_branch: Callable[[str, str], Awaitable[None]] | None = None
         self.stats = Stats()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -241,6 +244,9 @@ class QuorumProxy:
             any_accepted = True
         if branches:
             await self._store_branches(db, branches)
+            if self.after_branch is not None:
+                for branch in branches:
+                    await self.after_branch(db, branch["_id"])
         return web.json_response(answer, status=202 if any_accepted else 201)
 
 

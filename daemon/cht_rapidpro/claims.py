@@ -20,11 +20,15 @@ A process posts a task's messages only while it *holds* the claim:
 - **H2 (confirm).** After W was answered, a read of every leaf of the document
   (`open_revs=all`, which merges the revision trees of a read quorum of copies) showed, for
   the task, in every live leaf L:
-  - L descends from W: the task still carries our claim;
   - L descends from P but not from W (a sibling branch forking at P): nothing is required
     (lemma 1);
-  - otherwise the task is still sendable, has no `gateway_ref`, and carries no claim entry
-    that W's version of the task lacks.
+  - L descends from W: the task still carries our claim;
+  - otherwise the task is still sendable and has no `gateway_ref`;
+  - and (but for the siblings) the task carries no other claimant's entry beyond those the
+    claim was planned with ("known": a takeover's lookup covers exactly those).
+  A claim written again on a newer revision (a conflict re-read, a renewal) is held only if
+  that revision, too, shows no entry beyond the known ones: knowledge comes from the plan,
+  never from whatever revision the claim ends up on.
   A task whose read shows anything else is *contested*: it is not posted; the document is
   resolved (`conflicts.py`: branches merged, claim entries united) and planned again. On a
   single node no branch can come from our writes, and H2 is not read.
@@ -88,10 +92,10 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from .cht.outgoing import (
     Claim,
+    ClaimEntry,
     MalformedTaskError,
     OutgoingMessage,
     SendableTask,
@@ -138,6 +142,12 @@ class Identity:
     def owns(self, claim: Claim | None) -> bool:
         return claim is not None and claim.instance == self.instance and claim.boot == self.boot
 
+    def foreign(self, entries: frozenset[ClaimEntry]) -> frozenset[ClaimEntry]:
+        """Claim entries not written by this process."""
+        return frozenset(
+            e for e in entries if not (e.instance == self.instance and e.boot == self.boot)
+        )
+
 
 @dataclass(slots=True)
 class ClaimedTask:
@@ -148,6 +158,9 @@ class ClaimedTask:
     takeover: bool  # H4: look the messages up in RapidPro before posting
     since: datetime  # the lookup window starts here (minus clock skew)
     settle_until: float = 0.0  # monotonic: any earlier claimant's POST has landed by then
+    # Other claimants' entries this claim was planned with (its lookup covers them): a
+    # revision that shows any other is another claimant's news, and the claim is not held.
+    known: frozenset[ClaimEntry] = frozenset()
 
 
 @dataclass(slots=True)
@@ -183,47 +196,42 @@ def confirm_verdicts(
     *,
     written: str,
     parent: str | None,
-    claimed: Mapping[TaskRef, Mapping[str, Any]],
+    claimed: Mapping[TaskRef, ClaimedTask],
     identity: Identity,
 ) -> dict[TaskRef, Verdict]:
     """H2 for each claimed task: `written` is our committed claim revision, `parent` the
-    revision it was written on, `claimed` our version of each task in it."""
-    known = {ref: claim_entries(task) for ref, task in claimed.items()}
+    revision it was written on; each task's `known` entries are the other claimants' it was
+    planned with."""
     verdicts = dict.fromkeys(claimed, Verdict.HELD)
     seen_live = False
     for leaf in leaves:
-        if leaf.descends_from(written):
-            for ref, mine in claimed.items():
-                task = None if leaf.deleted else task_at(leaf.doc, ref)
-                if (
-                    task is None
-                    or not identity.owns(find_claim(task))
-                    or not same_messages(task, _messages_of(mine))
-                ):
-                    verdicts[ref] = Verdict.LOST
-            seen_live = seen_live or not leaf.deleted
+        ours = leaf.descends_from(written)
+        if leaf.deleted:
+            if ours:
+                for ref in claimed:
+                    verdicts[ref] = Verdict.LOST  # a resolver merged our branch away
             continue
-        if leaf.deleted or (parent is not None and leaf.descends_from(parent)):
-            continue  # a deleted branch, or a sibling branch forking at our parent (lemma 1)
-        for ref in claimed:
+        if not ours and parent is not None and leaf.descends_from(parent):
+            continue  # a sibling branch forking at our parent (lemma 1)
+        seen_live = seen_live or ours
+        for ref, mine in claimed.items():
             task = task_at(leaf.doc, ref)
-            if task is None or not same_messages(task, _messages_of(claimed[ref])):
-                continue  # an older version of the document, before this task existed
-            progressed = task.get("state") not in SENDABLE_STATES or js_truthy(
-                task.get("gateway_ref")
+            if task is None or not same_messages(task, mine.messages):
+                if ours:
+                    verdicts[ref] = Verdict.LOST
+                continue  # (not ours) an older version of the document, before the task
+            if ours and not identity.owns(find_claim(task)):
+                verdicts[ref] = Verdict.LOST
+                continue
+            progressed = not ours and (
+                task.get("state") not in SENDABLE_STATES or js_truthy(task.get("gateway_ref"))
             )
-            if (progressed or not claim_entries(task) <= known[ref]) and verdicts[
-                ref
-            ] is Verdict.HELD:
+            news = not identity.foreign(claim_entries(task)) <= mine.known
+            if (progressed or news) and verdicts[ref] is Verdict.HELD:
                 verdicts[ref] = Verdict.CONTESTED
     if not seen_live:
         return dict.fromkeys(claimed, Verdict.LOST)  # our branch was merged away
     return verdicts
-
-
-def _messages_of(task: Mapping[str, Any]) -> tuple[OutgoingMessage, ...]:
-    found = sendable_tasks({"_id": "_", "tasks": [task]})
-    return found[0].messages if found else ()
 
 
 class Claims:
@@ -241,6 +249,7 @@ class Claims:
         pause: Pause,
         couch_outage: Outage,
         on_written: Callable[[str, str | None], None],
+        started: float | None = None,
     ) -> None:
         self._couch = couch
         self._writer = writer
@@ -252,7 +261,7 @@ class Claims:
         self._couch_outage = couch_outage
         self._on_written = on_written
         self._ttl = timedelta(seconds=settings.claim_ttl_s)
-        self._started = time.monotonic()
+        self._started = time.monotonic() if started is None else started  # process start
         self._unposted: OrderedDict[str, None] = OrderedDict()
         self.clustered = False  # set from the database's `cluster.n`, or by an `accepted`
         self._log = get_logger(component="claims")
@@ -317,19 +326,20 @@ class Claims:
             e.instance == self.identity.instance and e.boot == self.identity.boot for e in entries
         )
         if not entries and task.claim is None:
-            return ClaimedTask(task.ref, task.messages, False, now, 0.0)  # a fresh task
+            return ClaimedTask(task.ref, task.messages, False, now)  # a fresh task
         if entries and mine and all(m.uuid in self._unposted for m in task.messages):
             # Only our own claims of this attempt, and we never posted: nothing to look up.
-            return ClaimedTask(task.ref, task.messages, False, now, 0.0)
+            return ClaimedTask(task.ref, task.messages, False, now)
+        known = self.identity.foreign(frozenset(entries))
         if not entries:
             # A claim without a usable entry (written by hand?): any earlier time may matter.
             since = now - timedelta(seconds=self._settings.max_tracking_s)
-            return ClaimedTask(task.ref, task.messages, True, since, 0.0)
+            return ClaimedTask(task.ref, task.messages, True, since, 0.0, known)
         stamps = [parse_iso(e.timestamp) for e in entries]
-        known = [s for s in stamps if s is not None]
+        parsed = [s for s in stamps if s is not None]
         since = (
-            min(known)
-            if len(known) == len(stamps)
+            min(parsed)
+            if len(parsed) == len(stamps)
             else now - timedelta(seconds=self._settings.max_tracking_s)
         )
         send_timeout = self._settings.send_timeout_s
@@ -345,7 +355,7 @@ class Claims:
                 latest_post = stamp + self._ttl / 2 + timedelta(seconds=send_timeout)
                 landed = time.monotonic() + (latest_post - now).total_seconds()
             settle = max(settle, landed)
-        return ClaimedTask(task.ref, task.messages, True, since, settle)
+        return ClaimedTask(task.ref, task.messages, True, since, settle, known)
 
     # -- claiming -------------------------------------------------------------------------
 
@@ -466,8 +476,9 @@ class Claims:
                     target is None
                     or not self.identity.owns(find_claim(target))
                     or not same_messages(target, task.messages)
+                    or not self.identity.foreign(claim_entries(target)) <= task.known
                 ):
-                    continue
+                    continue  # not ours any more, or another claimant's entry merged in
                 set_task_state(target, State.FORWARDED_TO_GATEWAY, dict(details))
                 kept.append(task)
             hold.tasks[:] = kept
@@ -516,7 +527,7 @@ class Claims:
             return Verdict.HELD
         doc_id = str(hold.doc["_id"])
         leaves = await self._leaves(doc_id)
-        claimed = {task.ref: task_at(hold.doc, task.ref) or {} for task in hold.tasks}
+        claimed = {task.ref: task for task in hold.tasks}
         verdicts = confirm_verdicts(
             leaves,
             written=str(hold.doc["_rev"]),

@@ -290,3 +290,28 @@ async def test_slow_copy_accepted_claim_is_committed_by_writing_it_again(
     assert held.hold is not None and [t.takeover for t in held.hold.tasks] == [False]
     assert proxy.stats.writes[Write.ACCEPTED] == 1
     assert a.metrics.registry.get_sample_value("chtrp_claims_uncommitted_total") == 1
+
+
+async def test_a_claim_rewritten_on_a_merge_that_brought_news_is_not_held(
+    couch: CouchAdmin, proxy: QuorumProxy, claimant: Any
+) -> None:
+    """A holds (and may have posted). B's claim from the same parent lands on one copy, and
+    before B writes it again a third process merges the branches, keeping B's claim (the
+    newer) as the task's current one. B's second write on the merged revision commits, but
+    the merge brought A's claim entry, which B's plan did not know: B must not hold it."""
+    a, b, c = await claimant("a"), await claimant("b"), await claimant("c")
+    doc = await pending_doc(couch)
+    assert (await a.claim(doc)).hold is not None
+    first_writes(proxy, {"b": Write.MINORITY})
+    resolver = ConflictResolver(c.couch, Metrics())
+
+    async def merge(db: str, doc_id: str) -> None:
+        await resolver.resolve(doc_id)
+        merged = await couch.get(doc_id)
+        assert merged is not None and find_claim(merged["tasks"][0]).instance == "b"
+
+    proxy.after_branch = merge
+    held_b = await b.claim(doc)
+    assert held_b.hold is None
+    final = await resolved(couch, a, doc["_id"])
+    assert instances(final) == {"a", "b"}
