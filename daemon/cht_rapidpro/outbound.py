@@ -57,7 +57,7 @@ from .errors import (
 from .logs import get_logger
 from .metrics import Metrics
 from .rapidpro.client import RapidProClient
-from .rapidpro.models import Broadcast, Target
+from .rapidpro.models import Broadcast, Target, stored_text
 from .replicas import Presence
 from .retry import Backoff, Outage, sleep_or_wake
 
@@ -237,7 +237,10 @@ def _digits(urn: str) -> str:
 def _matches(broadcast: Broadcast, job: MessageJob, not_before: datetime) -> bool:
     if broadcast.created_on is not None and broadcast.created_on < not_before:
         return False
-    if job.text not in broadcast.texts:
+    # RapidPro stores the text trimmed (`stored_text`): compare it as stored, or a text
+    # ending in a newline is never found and is sent a second time.
+    wanted = stored_text(job.text)
+    if all(stored_text(text) != wanted for text in broadcast.texts):
         return False
     if job.urn in broadcast.urns:
         return True

@@ -230,6 +230,34 @@ async def test_rapidpro_errors_throttling_and_timeouts(
                    for d in docs for t in all_tasks(d))  # fmt: skip
 
 
+async def test_commit_then_slow_posts_of_untrimmed_texts_are_adopted_not_resent(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    """RapidPro stores broadcast text trimmed; the lookup after a timed-out POST must find it.
+
+    CHT texts come from templates and translations and may end in whitespace. Every 4th POST
+    is committed and answered only after the daemon's send timeout (3 s in tests).
+    """
+    endings = ["\n", " ", "\t", "\r\n", " \n"]
+    docs = [
+        message_doc([task(f"+25479{n:07d}", f"visit reminder {n}{endings[n % len(endings)]}")])
+        for n in range(40)
+    ]
+    rapidpro.sandbox.add_fault(method="POST", path="broadcasts.json", status=None, delay=4.0,
+                               commit=True, every=4, count=None)  # fmt: skip
+    await cht.bulk(docs)
+    daemon = await daemon_factory()
+    await wait_all_accepted(cht, 40, within=120)
+    await assert_exactly_once(cht, rapidpro, 40)
+    assert {b.text for b in rapidpro.sandbox.posted_broadcasts()} == {
+        f"visit reminder {n}" for n in range(40)
+    }
+    # Each committed-then-slow POST was found by the lookup (more if the machine was slow).
+    adopted = int(daemon.gateway.metrics.messages_adopted._value.get())
+    assert adopted >= 10
+    print(f"untrimmed texts: 40 messages, {adopted} adopted after a slow answer, none resent")
+
+
 # -- bad documents ------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ from cht_rapidpro.rapidpro.client import (
     classify,
     summarize_errors,
 )
-from cht_rapidpro.rapidpro.models import Broadcast, Target
+from cht_rapidpro.rapidpro.models import Broadcast, Target, stored_text
 from cht_rapidpro.rapidpro.throttle import BROADCASTS, MESSAGES, Budget
 
 INVALID_URN = "Invalid URN: tel:123. Ensure phone numbers contain country codes."
@@ -372,3 +372,29 @@ async def test_send_broadcast_5xx_is_ambiguous() -> None:
     with pytest.raises(RetryableError) as raised:
         await client.send_broadcast(TARGET, ["tel:+254712345678"], "hello")
     assert raised.value.ambiguous is True
+
+
+@pytest.mark.parametrize(
+    ("posted", "stored"),
+    [
+        ("visit reminder\n", "visit reminder"),
+        ("visit reminder ", "visit reminder"),
+        ("\tvisit reminder\r\n", "visit reminder"),
+        ("line one\r\nline two\n", "line one\r\nline two"),
+        ("ziara\u00a0", "ziara"),
+        ("ziara\u200b", "ziara\u200b"),
+        ("visit @@ 5pm ", "visit @@ 5pm"),
+    ],
+    ids=[
+        "newline",
+        "space",
+        "tab-and-crlf",
+        "inner-line-endings-kept",
+        "no-break-space",
+        "zero-width-space-is-not-whitespace",
+        "escaped-at-untouched",
+    ],
+)
+def test_stored_text_is_trimmed_as_drf_does(posted: str, stored: str) -> None:
+    """RapidPro's `CharField(trim_whitespace=True)`: what a lookup must compare against."""
+    assert stored_text(posted) == stored
