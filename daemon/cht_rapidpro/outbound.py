@@ -42,7 +42,7 @@ from .cht.outgoing import (
     sendable_tasks,
     task_at,
 )
-from .cht.phone import mask, normalize
+from .cht.phone import Refused, mask, rapidpro_urn
 from .cht.state import State, set_task_state
 from .chtconfig import ChtConfig
 from .config import Settings
@@ -601,14 +601,28 @@ class OutgoingSender:
     def _message_job(
         self, message: OutgoingMessage, uncertain: bool, settle_until: float = 0.0
     ) -> MessageJob:
-        # CHT normalises `to` at send time and falls back to the raw value (messaging.js).
-        to = normalize(self._cht.app_settings, message.to) or message.to
+        # CHT normalises `to` at send time and posts the raw value when that fails
+        # (messaging.js); RapidPro may then take it as someone else's local number. Only a
+        # number RapidPro keeps as sent goes out: anything else fails here, never posted.
+        urn = rapidpro_urn(self._cht.app_settings, message.to)
+        refused = None
+        if isinstance(urn, Refused):
+            refused = Rejected(urn.reason)
+            self._metrics.messages_failed.inc()
+            self._log.error(
+                "message_rejected",
+                message_uuid=message.uuid,
+                to=mask(message.to),
+                attempt=0,
+                reason=urn.reason,
+            )
         return MessageJob(
             message=message,
-            urn=f"tel:{to}",
+            urn=urn if isinstance(urn, str) else "",
             text=escape_text(message.text),
             uncertain=uncertain,
             settle_until=settle_until,
+            result=refused,
             backoff=Backoff(
                 initial=self._settings.retry_initial_s, maximum=self._settings.retry_max_s
             ),

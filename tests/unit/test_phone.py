@@ -1,4 +1,5 @@
-"""cht.phone: CHT's phone normalisation (cht-messaging §3.7, vectors §6.8) and log masking."""
+"""cht.phone: CHT's phone normalisation (cht-messaging §3.7, vectors §6.8), which numbers go to
+RapidPro, and log masking."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cht_rapidpro.cht.phone import mask, normalize, region_for
+from cht_rapidpro.cht.phone import Refused, mask, normalize, rapidpro_urn, region_for
+from cht_rapidpro.sandbox.wire import normalize_urn
 
 NZ = {"default_country_code": 64}
 KE = {"default_country_code": 254}
@@ -74,6 +76,91 @@ VECTORS: list[tuple[str, dict[str, Any], str, str | None]] = [
 )
 def test_normalize(settings: dict[str, Any], phone: str, expected: str | None) -> None:
     assert normalize(settings, phone) == expected
+
+
+FULL = {"default_country_code": 254, "phone_validation": "full"}
+PARTIAL = {"default_country_code": 254, "phone_validation": "partial"}
+NONE = {"default_country_code": 254, "phone_validation": "none"}
+RULES = "Invalid phone number under CHT's rules"
+IMPOSSIBLE = "Invalid phone number: not a possible international number"
+
+# (id, settings, `to`, the URN sent, or the start of the reason it is refused with)
+RECIPIENTS: list[tuple[str, dict[str, Any], str, str]] = [
+    # CHT normalises these: sent in E.164, which RapidPro keeps as it is.
+    ("ke-national", FULL, "0712345678", "tel:+254712345678"),
+    ("ke-national-punctuated", FULL, "0712 345-678", "tel:+254712345678"),
+    ("ke-no-trunk", FULL, "712345678", "tel:+254712345678"),
+    ("ke-cc-without-plus", FULL, "254712345678", "tel:+254712345678"),
+    ("ke-e164", FULL, "+254712345678", "tel:+254712345678"),
+    ("foreign-e164", FULL, "+50689999999", "tel:+50689999999"),
+    ("default-validation-is-full", KE, "0712345678", "tel:+254712345678"),
+    ("none-possible", NONE, "+254700000001", "tel:+254700000001"),
+    ("partial-possible-but-invalid", PARTIAL, "0712345", "tel:+2540712345"),
+    # Issue 11: RapidPro would store these as local numbers of the workspace (tel:2547123...).
+    ("plus-too-short", FULL, "+2547123", RULES),
+    ("plus-unknown-country-code", FULL, "+999123456", RULES),
+    ("plus-zero", FULL, "+0712345678", RULES),
+    ("plus-unknown-country-code-none", NONE, "+999123456", RULES),
+    ("plus-zero-none", NONE, "+0712345678", RULES),
+    # CHT's rules reject them; CHT itself would post them as written.
+    ("short-code", FULL, "12", RULES),
+    ("alpha-sender", FULL, "SAFARICOM", RULES),
+    ("no-digits", FULL, "++--", RULES),
+    ("empty", FULL, "", RULES),
+    ("national-without-country", {"phone_validation": "none"}, "0712345678", RULES),
+    ("national-unusable-country", {"default_country_code": "+254"}, "0712345678", RULES),
+    # CHT lets these through; RapidPro would not keep them as they are.
+    ("none-too-short", NONE, "12", IMPOSSIBLE),
+    ("none-plus-too-short", NONE, "+2547123", IMPOSSIBLE),
+    ("none-too-long", NONE, "+2547123456789012", IMPOSSIBLE),
+    ("none-valid-short-number", NONE, "112", IMPOSSIBLE),
+    ("partial-local-only-length", {"default_country_code": 1, "phone_validation": "partial"},
+     "5551212", IMPOSSIBLE),
+    ("partial-plus-local-only-length", PARTIAL, "+15551212", IMPOSSIBLE),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("settings", "phone", "expected"),
+    [vector[1:] for vector in RECIPIENTS],
+    ids=[vector[0] for vector in RECIPIENTS],
+)
+def test_rapidpro_urn(settings: dict[str, Any], phone: str, expected: str) -> None:
+    result = rapidpro_urn(settings, phone)
+    if expected.startswith("tel:"):
+        assert result == expected
+    else:
+        assert isinstance(result, Refused)
+        assert result.reason.startswith(expected), result.reason
+        assert result.reason.endswith(": not sent")
+        assert not re.search(r"\d{4}", result.reason), "the reason names no number"
+
+
+def test_refusal_names_the_rules_that_refused() -> None:
+    refused = rapidpro_urn(FULL, "+2547123")
+    assert isinstance(refused, Refused)
+    assert "(default_country_code 254, phone_validation full)" in refused.reason
+    refused = rapidpro_urn({"default_country_code": "0254", "phone_validation": "NONE"}, "07")
+    assert isinstance(refused, Refused)
+    assert "(no usable default_country_code, phone_validation none)" in refused.reason
+
+
+@given(
+    st.one_of(
+        st.from_regex(r"\+?0?(254|250|1|64|977)?[0-9]{0,12}", fullmatch=True),
+        st.text(alphabet="0123456789+-() ", max_size=18),
+    ),
+    st.sampled_from([FULL, PARTIAL, NONE, {"default_country_code": 1}, {}]),
+    st.sampled_from(["KE", "RW", "US", None]),
+)
+def test_rapidpro_keeps_every_number_handed_to_it(
+    phone: str, settings: dict[str, Any], workspace: str | None
+) -> None:
+    """Whatever the workspace's country, RapidPro stores the URN exactly as sent (the sandbox
+    reproduces RapidPro's normalisation independently of `cht.phone`)."""
+    urn = rapidpro_urn(settings, phone)
+    if isinstance(urn, str):
+        assert normalize_urn(urn, workspace) == urn
 
 
 @pytest.mark.parametrize(
