@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from support import (
     eventually,
     message_doc,
     rapidpro_settings,
+    start_daemon_process,
     task,
 )
 
@@ -278,6 +280,40 @@ async def test_send_reports_a_number_that_cannot_be_sent_as_failed(
     assert code == EX_FAILED, printed
     assert "failed: Invalid phone number" in printed
     assert printed.splitlines()[-1] == "pending → forwarded-to-gateway → failed"
+
+
+async def test_no_full_number_in_the_daemon_log_or_the_reasons(
+    cht: CouchAdmin, rapidpro: Any, tmp_path: Path
+) -> None:
+    """Issue 12: `send --to '+2547'` logged RapidPro's `Invalid URN: tel:+2547. ...` verbatim."""
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon_process(cht.couch_url, log, instance="private")
+    try:
+        # Refused by the daemon itself: RapidPro would take it as a local number.
+        out = io.StringIO()
+        code = await run_send(settings_for(cht), to="+2547", text="short", timeout_s=30, out=out,
+                              err=io.StringIO())  # fmt: skip
+        assert code == EX_FAILED, out.getvalue()
+        # Refused by RapidPro, whose 400 repeats the number.
+        refusal = "Invalid URN: tel:+254712345678. Ensure phone numbers contain country codes."
+        rapidpro.sandbox.add_fault(method="POST", path="broadcasts.json", status=400,
+                                   body=json.dumps({"urns": {"0": [refusal]}}))  # fmt: skip
+        code = await run_send(settings_for(cht), to="+254712345678", text="hello", timeout_s=30,
+                              out=out, err=io.StringIO())  # fmt: skip
+        assert code == EX_FAILED, out.getvalue()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(daemon.wait(), 15) == 0
+    details = [t.get("state_details") for d in await cht.all_docs() for t in all_tasks(d)]
+    assert sorted(details) == [
+        "Invalid phone number under CHT's rules (default_country_code 254, phone_validation "
+        "none): not sent",
+        "urns.0: Invalid URN: tel:***678. Ensure phone numbers contain country codes.",
+    ]
+    text = log.read_text()
+    assert text.count("event=message_rejected") == 2, text
+    assert "to=***547" in text and "to=***678" in text
+    assert "+2547" not in text and "254712345678" not in text and "712345678" not in text
 
 
 async def test_send_without_a_daemon_times_out_still_pending(cht: CouchAdmin) -> None:

@@ -7,10 +7,8 @@ Each scenario ends with the same two checks: every message reached RapidPro (and
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
-import sys
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -27,6 +25,7 @@ from support import (
     eventually,
     message_doc,
     rapidpro_settings,
+    start_daemon_process,
     task,
 )
 
@@ -78,27 +77,6 @@ async def assert_exactly_once(couch: CouchAdmin, rapidpro: Any, expected: int) -
 
 
 # -- crashes ------------------------------------------------------------------------------
-
-
-async def start_daemon_process(
-    couch_url: str, log: Path, instance: str = "crashy"
-) -> asyncio.subprocess.Process:
-    env = {
-        **os.environ,
-        "COUCH_URL": couch_url,
-        "CHT_RAPIDPRO_PORT": "0",
-        "CHT_RAPIDPRO_INSTANCE": instance,
-        "CHT_RAPIDPRO_POLL_INTERVAL": "0.5",
-        "CHT_RAPIDPRO_CHECKPOINT_INTERVAL": "0.2",
-        "CHT_RAPIDPRO_SEND_TIMEOUT": "2",
-        "CHT_RAPIDPRO_CLAIM_TTL": "8",
-        "CHT_RAPIDPRO_RETRY_MAX": "1",
-        "CHT_RAPIDPRO_LOG_FORMAT": "logfmt",
-    }
-    with log.open("ab") as out:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cht_rapidpro", "run", env=env, stdout=out, stderr=out
-        )
 
 
 async def test_sigkill_at_random_moments_loses_and_doubles_nothing(

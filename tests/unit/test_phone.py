@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cht_rapidpro.cht.phone import Refused, mask, normalize, rapidpro_urn, region_for
+from cht_rapidpro.cht.phone import (
+    Refused,
+    mask,
+    mask_numbers,
+    normalize,
+    rapidpro_urn,
+    region_for,
+)
 from cht_rapidpro.sandbox.wire import normalize_urn
 
 NZ = {"default_country_code": 64}
@@ -249,3 +256,64 @@ def test_mask_never_reveals_the_whole_number(phone: str) -> None:
     assert digits.endswith(shown)
     if digits:
         assert len(shown) < len(digits), "the full number must never appear"
+
+
+ENSURE = "Ensure phone numbers contain country codes."
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        (f"urns.0: Invalid URN: tel:+2547. {ENSURE}", f"urns.0: Invalid URN: tel:***547. {ENSURE}"),
+        (f"Invalid URN: tel:+254 712 345 678. {ENSURE}", f"Invalid URN: tel:***678. {ENSURE}"),
+        (f"Invalid URN: tel:0712-345-678. {ENSURE}", f"Invalid URN: tel:***678. {ENSURE}"),
+        ("a: Invalid URN: tel:12; b: Invalid URN: tel:+2547123", "a: Invalid URN: tel:***; "
+         "b: Invalid URN: tel:***123"),
+        ("Invalid URN: whatsapp:254712345678.", "Invalid URN: whatsapp:***678."),
+        ("Invalid URN: tel:abc.", "Invalid URN: tel:abc."),
+        ("call +254712345678 or 0712 345 678", "call ***678 or ***678"),
+        ("+2547", "***547"),
+        ("text.eng: Ensure this field has no more than 640 characters.",
+         "text.eng: Ensure this field has no more than 640 characters."),
+        ("Request was throttled. Expected available in 3500 seconds.",
+         "Request was throttled. Expected available in 3500 seconds."),
+        ("due 2026-12-01 10:30", "due 2026-12-01 10:30"),
+        ("No such object: 123456", "No such object: ***456"),
+    ],
+    ids=[
+        "rapidpro-short-plus-number",
+        "spaced-number",
+        "dashed-number",
+        "two-parts",
+        "whatsapp",
+        "no-digits-kept",
+        "bare-numbers",
+        "four-digits-with-plus",
+        "limit-kept",
+        "seconds-kept",
+        "date-kept",
+        "long-id-masked-too",
+    ],
+)  # fmt: skip
+def test_mask_numbers(text: str, masked: str) -> None:
+    assert mask_numbers(text) == masked
+
+
+@given(
+    st.one_of(
+        st.tuples(
+            st.from_regex(r"\+?[0-9]{4,15}", fullmatch=True),
+            st.sampled_from(["Invalid URN: tel:{}. " + ENSURE, "urns.0: Invalid URN: tel:{}"]),
+        ),
+        st.tuples(
+            st.from_regex(r"\+[0-9]{4,15}|[0-9]{5,15}", fullmatch=True),
+            st.sampled_from(["No contact {} here", "{}", "({})"]),
+        ),
+    )
+)
+def test_mask_numbers_never_reveals_a_whole_number(case: tuple[str, str]) -> None:
+    number, template = case
+    masked = mask_numbers(template.format(number))
+    assert number.lstrip("+") not in masked
+    shown = len(re.sub(r"[^0-9]", "", masked)) - len(re.sub(r"[^0-9]", "", template))
+    assert shown <= 3

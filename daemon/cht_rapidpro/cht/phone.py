@@ -147,6 +147,35 @@ def _kept_by_rapidpro(number: str) -> bool:
     )
 
 
+#: A phone URN in a sentence (RapidPro: "Invalid URN: tel:+2547. Ensure ..."): its whole path,
+#: up to the end of the sentence or of one `; `-separated part of a summary.
+_URN_IN_TEXT = re.compile(r"(?<![A-Za-z])(tel|whatsapp):(.*?)(?=\.\s|\.?$|;)")
+#: Any other run of digits (spaces allowed inside), with its `+` if it has one.
+_DIGIT_RUN = re.compile(r"\+?\d(?:[\d ]*\d)?")
+_ANY_DIGIT = re.compile(r"\d")
+
+
+def mask_numbers(text: str) -> str:
+    """Text from elsewhere (a RapidPro error) fit for logs and `state_details`: every phone number
+    in it masked as `mask` does (`tel:+254712345678` → `tel:***678`).
+
+    A URN's path with a digit in it is masked whole. Elsewhere a run of digits is masked when
+    it has a `+` or at least 5 digits; shorter runs (limits, counts, seconds in RapidPro's
+    messages) stay.
+    """
+    text = _URN_IN_TEXT.sub(
+        lambda m: f"{m.group(1)}:{mask(m.group(2))}" if _ANY_DIGIT.search(m.group(2)) else m[0],
+        text,
+    )
+
+    def number(match: re.Match[str]) -> str:
+        found = match.group(0)
+        digits = sum(c.isdigit() for c in found)
+        return mask(found) if found.startswith("+") or digits >= 5 else found
+
+    return _DIGIT_RUN.sub(number, text)
+
+
 def mask(phone: object) -> str:
     """A phone number safe for logs: the last 3 digits only (`***636`).
 
