@@ -164,9 +164,9 @@ class CouchAdmin:
 
 
 def rapidpro_settings(url: str, **extra: Any) -> dict[str, Any]:
-    """App settings with RapidPro as the outgoing service."""
+    """App settings with this daemon as the outgoing service (CHT's own sender stays idle)."""
     settings: dict[str, Any] = {
-        "sms": {"outgoing_service": "rapidpro", "rapidpro": {"url": url}},
+        "sms": {"outgoing_service": "cht-rapidpro", "rapidpro": {"url": url}},
         "default_country_code": 254,
         "phone_validation": "none",
     }

@@ -233,7 +233,7 @@ async def test_other_outgoing_service_means_idle_until_switched(
     await eventually(lambda: _reason(daemon), lambda r: "another sender is in charge" in r)
     assert rapidpro.sandbox.count_requests() == 0
 
-    settings["sms"]["outgoing_service"] = "rapidpro"
+    settings["sms"]["outgoing_service"] = "cht-rapidpro"
     await cht.put_settings(**settings)  # picked up from the changes feed
     await wait_states(cht, doc["_id"], ["delivered"])
     assert len(rapidpro.sandbox.posted_broadcasts()) == 1
