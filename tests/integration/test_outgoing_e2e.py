@@ -146,6 +146,18 @@ async def test_rejected_by_rapidpro_is_failed_with_its_reason(
     assert history(failed) == ["pending", "forwarded-to-gateway", "failed"]
 
 
+async def test_lone_surrogate_in_text_fails_with_rapidpros_reason(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    # Half of an emoji: JSON (and CouchDB) carry it, UTF-8 cannot, DRF refuses it with a 400.
+    doc = await cht.put(message_doc([task("+254700000008", "habari \ud83d")]))
+    await daemon_factory()
+    done = await wait_states(cht, doc["_id"], ["failed"])
+    assert done["tasks"][0]["state_details"] == (
+        "text.eng: Surrogate characters are not allowed: U+D83D."
+    )
+
+
 # Issue 11: RapidPro stores these as local numbers of its workspace (`tel:2547123`...), so the
 # SMS would reach a stranger: they fail without any POST. The sandbox's workspace is in Kenya.
 UNSENDABLE = ["+2547123", "+999123456", "+0712345678", "12", "++--"]

@@ -162,7 +162,13 @@ class RapidProClient:
         data = None
         if body is not None:
             headers["Content-Type"] = "application/json"
-            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            try:
+                data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate (CouchDB's JSON can hold "\ud83d"; UTF-8 cannot): send it
+                # escaped, and RapidPro answers its own 400 ("Surrogate characters are not
+                # allowed"), so the message fails with a reason instead of crashing the job.
+                data = json.dumps(body).encode("ascii")
         is_post = method == "POST"
         self.requests += 1
         if self._metrics is not None:
