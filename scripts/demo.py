@@ -123,7 +123,7 @@ async def demo(args: argparse.Namespace) -> int:
             await couch.put_settings(**rapidpro_settings(rapidpro.url, forms=DEMO_FORMS))
             await couch.put_vault_credential("rapidpro:outgoing", DEFAULT_TOKEN)
             await couch.put_vault_credential("rapidpro:incoming", INCOMING_KEY)
-            say("medic db seeded: app settings (sms.outgoing_service=rapidpro), vault credential")
+            say("medic db seeded: app settings (sms.outgoing_service=cht-rapidpro), credentials")
 
             port = free_port()
             log_path = workdir / "daemon.log"

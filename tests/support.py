@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import sys
 import time
 import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -161,14 +164,37 @@ class CouchAdmin:
 
 
 def rapidpro_settings(url: str, **extra: Any) -> dict[str, Any]:
-    """App settings with RapidPro as the outgoing service."""
+    """App settings with this daemon as the outgoing service (CHT's own sender stays idle)."""
     settings: dict[str, Any] = {
-        "sms": {"outgoing_service": "rapidpro", "rapidpro": {"url": url}},
+        "sms": {"outgoing_service": "cht-rapidpro", "rapidpro": {"url": url}},
         "default_country_code": 254,
         "phone_validation": "none",
     }
     settings.update(extra)
     return settings
+
+
+async def start_daemon_process(
+    couch_url: str, log: Path, instance: str = "crashy", **env: str
+) -> asyncio.subprocess.Process:
+    """`python -m cht_rapidpro run` with quick test timings, logging logfmt (appended) to `log`."""
+    environment = {
+        **os.environ,
+        "COUCH_URL": couch_url,
+        "CHT_RAPIDPRO_PORT": "0",
+        "CHT_RAPIDPRO_INSTANCE": instance,
+        "CHT_RAPIDPRO_POLL_INTERVAL": "0.5",
+        "CHT_RAPIDPRO_CHECKPOINT_INTERVAL": "0.2",
+        "CHT_RAPIDPRO_SEND_TIMEOUT": "2",
+        "CHT_RAPIDPRO_CLAIM_TTL": "8",
+        "CHT_RAPIDPRO_RETRY_MAX": "1",
+        "CHT_RAPIDPRO_LOG_FORMAT": "logfmt",
+        **env,
+    }
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cht_rapidpro", "run", env=environment, stdout=out, stderr=out
+        )
 
 
 def iso(ms: float | None = None) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 from yarl import URL
 
 from .cht import credentials as creds
+from .cht.outgoing import CHT_OUTGOING_SERVICES
 from .cht.translations import DEFAULT_TRANSLATIONS, Translator
 from .couch.client import CouchClient, NotFoundError
 from .errors import AuthError, GatewayError
@@ -236,10 +237,16 @@ class ChtConfig:
             return Gate(None, "app settings not loaded yet")
         service = self.sms.get("outgoing_service")
         if service != self._service:
+            switch = (
+                f"; to have this daemon send instead, set sms.outgoing_service to "
+                f"{self._service!r} (CHT's own sender then stays idle)"
+                if service in CHT_OUTGOING_SERVICES
+                else ""
+            )
             return Gate(
                 None,
                 f"app settings sms.outgoing_service is {service!r}, not {self._service!r}: "
-                "another sender is in charge, so this daemon neither sends nor polls",
+                f"another sender is in charge, so this daemon neither sends nor polls{switch}",
             )
         rapidpro = self.sms.get("rapidpro")
         raw_url = rapidpro.get("url") if isinstance(rapidpro, dict) else None

@@ -55,9 +55,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _command_settings(args: argparse.Namespace) -> Settings:
-    """Settings for an operations command: the same as `run`, logs (if any) on stderr."""
-    settings = Settings.load(args.config)
+def _command_settings(args: argparse.Namespace, *, diagnose: bool = False) -> Settings:
+    """Settings for an operations command: the same as `run`, logs (if any) on stderr.
+
+    `diagnose` (check) also loads a configuration that would make a second sender beside
+    CHT's own, which `run` refuses: the diagnosis shows it as a failing row with its fix.
+    """
+    settings = Settings.load(args.config, allow_second_sender=diagnose)
     level = settings.log_level
     if logs.LEVELS[level] < logs.LEVELS["warning"]:
         level = "warning"  # stdout is the command's output; only problems go to stderr
@@ -79,7 +83,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    settings = _command_settings(args)
+    settings = _command_settings(args, diagnose=True)
     return asyncio.run(run_check(settings, out=sys.stdout, as_json=args.json))
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from yarl import URL
 
+from .cht.outgoing import CHT_OUTGOING_SERVICES
 from .errors import ConfigError
 
 LogFormat = Literal["auto", "console", "logfmt", "json"]
@@ -131,6 +132,15 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
 def _non_empty(text: str) -> str:
     value = text.strip()
     if not value:
@@ -167,8 +177,17 @@ OPTIONS: tuple[Option, ...] = (
         "service",
         PREFIX + "SERVICE",
         _non_empty,
-        "Send and poll only while app settings sms.outgoing_service equals this value. "
-        "Beside a CHT API with its own RapidPro sender, set both to e.g. 'cht-rapidpro'.",
+        "Send and poll only while app settings sms.outgoing_service equals this value. Keep a "
+        "value CHT does not know (the default): CHT's API then sends nothing itself, and its "
+        "incoming webhooks keep working. CHT's own services (rapidpro, africas-talking, "
+        "nepal-doit-sms, medic-gateway) are refused: CHT would send every message too.",
+    ),
+    Option(
+        "no_cht_api",
+        PREFIX + "NO_CHT_API",
+        _bool,
+        "true states that no CHT API serves this database (none would send), which allows "
+        "SERVICE to be one of CHT's own services. Leave it false beside a CHT instance.",
     ),
     Option(
         "instance",
@@ -294,7 +313,8 @@ class Settings:
     couch: CouchTarget
     listen_host: str = "127.0.0.1"
     listen_port: int = 5989
-    service: str = "rapidpro"
+    service: str = "cht-rapidpro"
+    no_cht_api: bool = False
     instance: str = ""
     poll_interval_s: float = 60.0
     log_level: str = "info"
@@ -319,12 +339,17 @@ class Settings:
 
     @classmethod
     def from_env(
-        cls, env: Mapping[str, str], file_values: Mapping[str, Any] | None = None
+        cls,
+        env: Mapping[str, str],
+        file_values: Mapping[str, Any] | None = None,
+        *,
+        allow_second_sender: bool = False,
     ) -> Settings:
         """Build settings from an environment mapping (and a parsed TOML file).
 
         The environment wins over the file. Every problem is collected and raised as one
-        `ConfigError`.
+        `ConfigError`. `allow_second_sender` lets `check` load a configuration that would
+        send beside CHT's own sender (`second_sender`), to report it as a failing row.
         """
         problems: list[str] = []
         values: dict[str, Any] = {}
@@ -365,6 +390,11 @@ class Settings:
                 f"{PREFIX}CLAIM_TTL ({ttl:g}) must be at least twice {PREFIX}SEND_TIMEOUT "
                 f"({send_timeout:g}): a claim must outlive any send made under it"
             )
+        service = values.get("service", DEFAULTS["service"])
+        no_cht_api = values.get("no_cht_api", DEFAULTS["no_cht_api"])
+        conflict = second_sender_problem(service, no_cht_api)
+        if conflict is not None and not allow_second_sender:
+            problems.append(conflict)
         if problems:
             raise ConfigError(problems)
         if not values.get("instance"):
@@ -372,8 +402,19 @@ class Settings:
             values["instance"] = f"{socket.gethostname()}:{port}"
         return cls(**values)
 
+    @property
+    def second_sender(self) -> str | None:
+        """Why this daemon would send beside CHT's own sender, if it would (see `from_env`)."""
+        return second_sender_problem(self.service, self.no_cht_api)
+
     @classmethod
-    def load(cls, config_file: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    def load(
+        cls,
+        config_file: str | None = None,
+        env: Mapping[str, str] | None = None,
+        *,
+        allow_second_sender: bool = False,
+    ) -> Settings:
         """Settings from `os.environ` and an optional TOML file."""
         file_values: dict[str, Any] = {}
         if config_file:
@@ -384,7 +425,11 @@ class Settings:
                 raise ConfigError([f"--config {config_file}: {exc.strerror or exc}"]) from exc
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError([f"--config {config_file}: not valid TOML: {exc}"]) from exc
-        return cls.from_env(os.environ if env is None else env, file_values)
+        return cls.from_env(
+            os.environ if env is None else env,
+            file_values,
+            allow_second_sender=allow_second_sender,
+        )
 
     def redacted(self) -> dict[str, Any]:
         """Every setting, printable: no credentials."""
@@ -393,6 +438,26 @@ class Settings:
             value = getattr(self, item.name)
             shown[item.name] = value.redacted if isinstance(value, CouchTarget) else value
         return shown
+
+
+def second_sender_problem(service: str, no_cht_api: bool) -> str | None:
+    """The problem with sending while `sms.outgoing_service` is `service`, if there is one.
+
+    While it names one of CHT's own services, CHT's API sends every `pending` and
+    `forwarded-to-gateway` message itself (or hands it to medic-gateway phones), including the
+    ones this daemon has claimed: each SMS could go out twice. Only an operator can know that
+    no CHT API serves the database, so only `CHT_RAPIDPRO_NO_CHT_API=true` allows it.
+    """
+    if service not in CHT_OUTGOING_SERVICES or no_cht_api:
+        return None
+    return (
+        f"{PREFIX}SERVICE: {service!r} is one of CHT's own outgoing services: while "
+        f"sms.outgoing_service is {service!r}, CHT's API sends every pending message itself, "
+        f"so this daemon would send each one a second time. Leave {PREFIX}SERVICE at its "
+        f"default 'cht-rapidpro' and set sms.outgoing_service to 'cht-rapidpro' in the app "
+        f"settings (CHT then sends nothing; its incoming webhooks keep working). Only if no "
+        f"CHT API serves this database, set {PREFIX}NO_CHT_API=true"
+    )
 
 
 DEFAULTS = {item.name: item.default for item in fields(Settings) if item.default is not MISSING}

@@ -45,7 +45,7 @@ from .cht.outgoing import (
     sendable_tasks,
     task_at,
 )
-from .cht.phone import mask, normalize
+from .cht.phone import Refused, mask, rapidpro_urn
 from .cht.state import SENDABLE_STATES, State, set_task_state
 from .chtconfig import ChtConfig
 from .claims import ClaimedTask, Claims, Hold, Identity
@@ -62,7 +62,7 @@ from .errors import (
 from .logs import get_logger
 from .metrics import Metrics
 from .rapidpro.client import RapidProClient
-from .rapidpro.models import Broadcast, Target
+from .rapidpro.models import Broadcast, Target, stored_text
 from .replicas import Presence
 from .retry import Backoff, Outage, sleep_or_wake
 
@@ -85,17 +85,11 @@ RESOLVE_HANDOFF_S = 2.0
 RETRY_GAVE_UP = timedelta(seconds=30)
 #: How many documents' last own write to remember (to skip our own revisions on the feed).
 WRITTEN_MEMORY = 20_000
-_DIGITS = re.compile(r"\+?\d[\d ]{3,}\d")
 
 
 def escape_text(text: str) -> str:
     """RapidPro evaluates broadcast text as a template: `@@` is a literal `@`."""
     return text.replace("@", "@@")
-
-
-def redact(text: str) -> str:
-    """A RapidPro error summary fit for logs: phone numbers (any digit run) removed."""
-    return _DIGITS.sub("***", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +233,10 @@ def _digits(urn: str) -> str:
 def _matches(broadcast: Broadcast, job: MessageJob, not_before: datetime) -> bool:
     if broadcast.created_on is not None and broadcast.created_on < not_before:
         return False
-    if job.text not in broadcast.texts:
+    # RapidPro stores the text trimmed (`stored_text`): compare it as stored, or a text
+    # ending in a newline is never found and is sent a second time.
+    wanted = stored_text(job.text)
+    if all(stored_text(text) != wanted for text in broadcast.texts):
         return False
     if job.urn in broadcast.urns:
         return True
@@ -556,14 +553,28 @@ class OutgoingSender:
     def _message_job(
         self, message: OutgoingMessage, uncertain: bool, settle_until: float = 0.0
     ) -> MessageJob:
-        # CHT normalises `to` at send time and falls back to the raw value (messaging.js).
-        to = normalize(self._cht.app_settings, message.to) or message.to
+        # CHT normalises `to` at send time and posts the raw value when that fails
+        # (messaging.js); RapidPro may then take it as someone else's local number. Only a
+        # number RapidPro keeps as sent goes out: anything else fails here, never posted.
+        urn = rapidpro_urn(self._cht.app_settings, message.to)
+        refused = None
+        if isinstance(urn, Refused):
+            refused = Rejected(urn.reason)
+            self._metrics.messages_failed.inc()
+            self._log.error(
+                "message_rejected",
+                message_uuid=message.uuid,
+                to=mask(message.to),
+                attempt=0,
+                reason=urn.reason,
+            )
         return MessageJob(
             message=message,
-            urn=f"tel:{to}",
+            urn=urn if isinstance(urn, str) else "",
             text=escape_text(message.text),
             uncertain=uncertain,
             settle_until=settle_until,
+            result=refused,
             backoff=Backoff(
                 initial=self._settings.retry_initial_s, maximum=self._settings.retry_max_s
             ),
@@ -624,7 +635,7 @@ class OutgoingSender:
                 "message_rejected",
                 to=mask(message.urn),
                 attempt=message.attempts,
-                reason=redact(str(exc)),
+                reason=str(exc),  # RapidPro's text, numbers masked by the client
             )
             return
         except RetryableError as exc:

@@ -66,7 +66,7 @@ async def test_credential_key_is_url_encoded(couch: CouchAdmin, client: CouchCli
 
 
 async def _loaded(client: CouchClient) -> ChtConfig:
-    cht = ChtConfig(client, service="rapidpro", refresh_s=0)
+    cht = ChtConfig(client, service="cht-rapidpro", refresh_s=0)
     await cht.load_settings()
     await cht.refresh_credentials(force=True)
     return cht
@@ -86,12 +86,26 @@ async def test_gate_open_with_url_and_credential(couch: CouchAdmin, client: Couc
     ("sms", "reason"),
     [
         ({"outgoing_service": "medic-gateway"}, "another sender is in charge"),
-        ({"outgoing_service": "rapidpro"}, "No RapidPro URL configured"),
-        ({"outgoing_service": "rapidpro", "rapidpro": {}}, "No RapidPro URL configured"),
-        ({"outgoing_service": "rapidpro", "rapidpro": {"url": "ftp://x"}}, "not an http(s) URL"),
-        ({"outgoing_service": "rapidpro", "rapidpro": {"url": "http://rp"}}, "No api key"),
+        (
+            {"outgoing_service": "rapidpro", "rapidpro": {"url": "http://rp"}},
+            "set sms.outgoing_service to 'cht-rapidpro' (CHT's own sender then stays idle)",
+        ),
+        ({"outgoing_service": "cht-rapidpro"}, "No RapidPro URL configured"),
+        ({"outgoing_service": "cht-rapidpro", "rapidpro": {}}, "No RapidPro URL configured"),
+        (
+            {"outgoing_service": "cht-rapidpro", "rapidpro": {"url": "ftp://x"}},
+            "not an http(s) URL",
+        ),
+        ({"outgoing_service": "cht-rapidpro", "rapidpro": {"url": "http://rp"}}, "No api key"),
     ],
-    ids=["other-service", "no-rapidpro", "no-url", "bad-url", "no-credential"],
+    ids=[
+        "other-service",
+        "chts-own-rapidpro-sender",
+        "no-rapidpro",
+        "no-url",
+        "bad-url",
+        "no-credential",
+    ],
 )
 async def test_gate_closed_with_actionable_reason(
     couch: CouchAdmin, client: CouchClient, sms: dict[str, object], reason: str

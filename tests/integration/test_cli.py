@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from support import (
     eventually,
     message_doc,
     rapidpro_settings,
+    start_daemon_process,
     task,
 )
 
@@ -186,7 +188,8 @@ async def test_check_lists_every_cht_side_problem_with_its_fix(
     service = rows["cht.outgoing_service"]
     assert service["status"] == "fail"
     assert "'medic-gateway'" in service["detail"]
-    assert "set sms.outgoing_service to 'rapidpro'" in service["fix"]
+    assert "set sms.outgoing_service to 'cht-rapidpro'" in service["fix"]
+    assert "Do not set CHT_RAPIDPRO_SERVICE" in service["fix"]  # medic-gateway is CHT's own
     assert rows["cht.rapidpro_url"]["status"] == "fail"
     assert "set sms.rapidpro.url in app settings" in rows["cht.rapidpro_url"]["fix"]
     outgoing = rows["cht.credential.rapidpro:outgoing"]
@@ -197,6 +200,43 @@ async def test_check_lists_every_cht_side_problem_with_its_fix(
     assert incoming["status"] == "ok"
     assert "CHT 3.x config section medic-credentials" in incoming["detail"]
     assert rows["rapidpro.api"]["status"] == "skip"
+
+
+async def test_check_fails_loudly_unless_exactly_one_sender(cht: CouchAdmin, rapidpro: Any) -> None:
+    """Issue 12: CHT's own sender acts while sms.outgoing_service names one of its services."""
+    settings = rapidpro_settings(rapidpro.url)
+    settings["sms"]["outgoing_service"] = "rapidpro"  # the old README's set-up
+    await cht.put_settings(**settings)
+    # With the daemon's defaults CHT sends alone: one sender, but not the one meant.
+    code, rows = await check_json(settings_for(cht))
+    row = rows["cht.outgoing_service"]
+    assert (code, row["status"]) == (EX_FAILED, "fail")
+    assert "CHT's own sender sends the messages" in row["detail"]
+    assert "set sms.outgoing_service to 'cht-rapidpro'" in row["fix"]
+    assert "Do not set CHT_RAPIDPRO_SERVICE to 'rapidpro'" in row["fix"]
+
+    # Both on CHT's service: two senders. The daemon refuses to run; check says why and how.
+    env = {"COUCH_URL": cht.couch_url, "CHT_RAPIDPRO_SERVICE": "rapidpro"}
+    code, out, _ = await cli("check", env={**env, "CHT_RAPIDPRO_PORT": str(free_port())})
+    assert code == EX_FAILED, out
+    [line] = [line for line in out.splitlines() if line.split()[1:2] == ["sms.outgoing_service"]]
+    assert line.startswith("FAIL") and "TWO SENDERS" in line, out
+    assert "CHT_RAPIDPRO_NO_CHT_API=true instead only if no CHT API serves" in out
+    code, _, err = await cli("run", env=env)
+    assert code == EX_CONFIG
+    assert "'rapidpro' is one of CHT's own outgoing services" in err
+
+    # Allowed only where the operator states that no CHT API serves the database.
+    code, rows = await check_json(
+        settings_for(cht, CHT_RAPIDPRO_SERVICE="rapidpro", CHT_RAPIDPRO_NO_CHT_API="true")
+    )
+    assert rows["cht.outgoing_service"]["status"] == "warn"
+
+    # The set-up the README shows: the daemon sends, CHT stays idle.
+    settings["sms"]["outgoing_service"] = "cht-rapidpro"
+    await cht.put_settings(**settings)
+    code, rows = await check_json(settings_for(cht))
+    assert rows["cht.outgoing_service"]["status"] == "ok"
 
 
 async def test_check_without_settings_doc_and_with_a_wrong_password(couch: CouchAdmin) -> None:
@@ -266,7 +306,7 @@ async def test_send_follows_the_message_to_delivered(
     assert list(posted.urns) == ["tel:+254712345678"]
 
 
-async def test_send_reports_a_number_rapidpro_rejects_as_failed(
+async def test_send_reports_a_number_that_cannot_be_sent_as_failed(
     cht: CouchAdmin, daemon_factory: Any
 ) -> None:
     await healthy_daemon(daemon_factory)
@@ -276,15 +316,51 @@ async def test_send_reports_a_number_rapidpro_rejects_as_failed(
     )
     printed = out.getvalue()
     assert code == EX_FAILED, printed
-    assert "failed: " in printed and "Invalid URN" in printed
+    assert "failed: Invalid phone number" in printed
     assert printed.splitlines()[-1] == "pending → forwarded-to-gateway → failed"
 
 
+async def test_no_full_number_in_the_daemon_log_or_the_reasons(
+    cht: CouchAdmin, rapidpro: Any, tmp_path: Path
+) -> None:
+    """Issue 12: `send --to '+2547'` logged RapidPro's `Invalid URN: tel:+2547. ...` verbatim."""
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon_process(cht.couch_url, log, instance="private")
+    try:
+        # Refused by the daemon itself: RapidPro would take it as a local number.
+        out = io.StringIO()
+        code = await run_send(settings_for(cht), to="+2547", text="short", timeout_s=30, out=out,
+                              err=io.StringIO())  # fmt: skip
+        assert code == EX_FAILED, out.getvalue()
+        # Refused by RapidPro, whose 400 repeats the number.
+        refusal = "Invalid URN: tel:+254712345678. Ensure phone numbers contain country codes."
+        rapidpro.sandbox.add_fault(method="POST", path="broadcasts.json", status=400,
+                                   body=json.dumps({"urns": {"0": [refusal]}}))  # fmt: skip
+        code = await run_send(settings_for(cht), to="+254712345678", text="hello", timeout_s=30,
+                              out=out, err=io.StringIO())  # fmt: skip
+        assert code == EX_FAILED, out.getvalue()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(daemon.wait(), 15) == 0
+    details = [t.get("state_details") for d in await cht.all_docs() for t in all_tasks(d)]
+    assert sorted(details) == [
+        "Invalid phone number under CHT's rules (default_country_code 254, phone_validation "
+        "none): not sent",
+        "urns.0: Invalid URN: tel:***678. Ensure phone numbers contain country codes.",
+    ]
+    text = log.read_text()
+    assert text.count("event=message_rejected") == 2, text
+    assert "to=***547" in text and "to=***678" in text
+    assert "+2547" not in text and "254712345678" not in text and "712345678" not in text
+
+
 async def test_send_without_a_daemon_times_out_still_pending(cht: CouchAdmin) -> None:
-    await cht.put_settings(**rapidpro_settings("https://textit.com", phone_validation="full"))
+    settings = rapidpro_settings("https://textit.com", phone_validation="full")
+    settings["sms"]["outgoing_service"] = "rapidpro"  # CHT's own sender (not running here)
+    await cht.put_settings(**settings)
     out, err = io.StringIO(), io.StringIO()
     code = await run_send(
-        settings_for(cht, CHT_RAPIDPRO_SERVICE="cht-rapidpro"),
+        settings_for(cht),
         to="+254712345678", text="nobody sends this", timeout_s=0.5, out=out, err=err,
     )  # fmt: skip
     assert code == EX_TEMPFAIL
@@ -432,7 +508,7 @@ async def test_status_shows_checkpoints_and_the_running_daemon(
     cht: CouchAdmin, daemon_factory: Any
 ) -> None:
     # The daemon follows the feed but does not send (another service is configured).
-    daemon = await healthy_daemon(daemon_factory, CHT_RAPIDPRO_SERVICE="cht-rapidpro")
+    daemon = await healthy_daemon(daemon_factory, CHT_RAPIDPRO_SERVICE="another-daemon")
     await cht.put(message_doc([task("+254700000001", SECRET_TEXT)]))
 
     async def caught_up() -> bool:

@@ -134,15 +134,63 @@ async def test_phone_is_normalised_and_at_sign_escaped(
 async def test_rejected_by_rapidpro_is_failed_with_its_reason(
     cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
 ) -> None:
+    # RapidPro refuses NUL characters (DRF's ProhibitNullCharactersValidator) with a 400.
     doc = await cht.put(
-        message_doc([task("12", "too short a number"), task("+254700000009", "ok")])
+        message_doc([task("+254700000008", "visit\x00today"), task("+254700000009", "ok")])
     )
     await daemon_factory()
     done = await wait_states(cht, doc["_id"], ["failed", "delivered"])
     failed = done["tasks"][0]
     assert "gateway_ref" not in failed
-    assert "Invalid URN" in failed["state_details"]
+    assert failed["state_details"] == "text.eng: Null characters are not allowed."
     assert history(failed) == ["pending", "forwarded-to-gateway", "failed"]
+
+
+async def test_lone_surrogate_in_text_fails_with_rapidpros_reason(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    # Half of an emoji: JSON (and CouchDB) carry it, UTF-8 cannot, DRF refuses it with a 400.
+    doc = await cht.put(message_doc([task("+254700000008", "habari \ud83d")]))
+    await daemon_factory()
+    done = await wait_states(cht, doc["_id"], ["failed"])
+    assert done["tasks"][0]["state_details"] == (
+        "text.eng: Surrogate characters are not allowed: U+D83D."
+    )
+
+
+# Issue 11: RapidPro stores these as local numbers of its workspace (`tel:2547123`...), so the
+# SMS would reach a stranger: they fail without any POST. The sandbox's workspace is in Kenya.
+UNSENDABLE = ["+2547123", "+999123456", "+0712345678", "12", "++--"]
+
+
+async def test_numbers_rapidpro_would_reinterpret_fail_unposted(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    await daemon_factory()
+    for validation in ("full", "none"):
+        # The settings change reaches the daemon on the feed before the document does.
+        await cht.put_settings(**rapidpro_settings(rapidpro.url, phone_validation=validation))
+        doc = await cht.put(message_doc([task(to, f"hello {validation}") for to in UNSENDABLE]))
+        done = await wait_states(cht, doc["_id"], ["failed"] * len(UNSENDABLE))
+        for item, to in zip(done["tasks"], UNSENDABLE, strict=True):
+            assert history(item) == ["pending", "forwarded-to-gateway", "failed"], to
+            assert "gateway_ref" not in item
+            details = item["state_details"]
+            assert details.startswith("Invalid phone number") and details.endswith("not sent")
+            assert to.lstrip("+") not in details, details
+    assert rapidpro.sandbox.count_requests("POST") == 0
+
+
+async def test_numbers_cht_normalises_are_sent_in_international_format(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    await cht.put_settings(**rapidpro_settings(rapidpro.url, phone_validation="full"))
+    numbers = ["0712345678", "712345678", "254712345678", "+254 712 345 678"]
+    doc = await cht.put(message_doc([task(to, f"hello {n}") for n, to in enumerate(numbers)]))
+    await daemon_factory()
+    await wait_states(cht, doc["_id"], ["delivered"] * len(numbers))
+    assert [body["urns"] for body in broadcast_bodies(rapidpro)] == [["tel:+254712345678"]] * 4
+    assert {m.urn for m in rapidpro.sandbox.messages} == {"tel:+254712345678"}
 
 
 async def test_delivery_status_outcomes(
@@ -197,7 +245,7 @@ async def test_other_outgoing_service_means_idle_until_switched(
     await eventually(lambda: _reason(daemon), lambda r: "another sender is in charge" in r)
     assert rapidpro.sandbox.count_requests() == 0
 
-    settings["sms"]["outgoing_service"] = "rapidpro"
+    settings["sms"]["outgoing_service"] = "cht-rapidpro"
     await cht.put_settings(**settings)  # picked up from the changes feed
     await wait_states(cht, doc["_id"], ["delivered"])
     assert len(rapidpro.sandbox.posted_broadcasts()) == 1

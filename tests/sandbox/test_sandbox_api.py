@@ -197,6 +197,55 @@ async def test_post_400_shapes(client: TestClient[Any, Any], sandbox: Sandbox) -
     assert [r.status for r in sandbox.requests] == [400, 400, 415, 400]
 
 
+async def test_text_is_stored_trimmed(client: TestClient[Any, Any], sandbox: Sandbox) -> None:
+    """As RapidPro stores it (DRF `trim_whitespace`): what a duplicate check must compare."""
+    sandbox.configure(dialect="v9")
+    status, created = await post(client, {"urns": [PHONE], "text": "x" * 640 + " \n"})
+    assert status == 201 and created["text"] == {"eng": "x" * 640}
+    status, created = await post(client, {"urns": [PHONE], "text": " two\r\nlines\t"})
+    assert status == 201 and created["text"] == {"eng": "two\r\nlines"}
+    rows = (await get(client, BROADCASTS))["results"]
+    assert [r["text"]["eng"] for r in rows] == ["two\r\nlines", "x" * 640]
+    assert [b.text for b in sandbox.posted_broadcasts()] == ["x" * 640, "two\r\nlines"]
+
+
+async def test_nul_in_text_is_refused(client: TestClient[Any, Any], sandbox: Sandbox) -> None:
+    status, body = await post(client, {"urns": [PHONE], "text": "visit\x00today"})
+    assert (status, body) == (400, {"text": {"eng": ["Null characters are not allowed."]}})
+    assert sandbox.broadcasts == []
+
+
+async def test_local_numbers_use_the_workspace_country(
+    client: TestClient[Any, Any], sandbox: Sandbox
+) -> None:
+    assert sandbox.config.default_country == "KE"  # every real workspace has one
+    status, created = await post(client, {"urns": ["tel:0712345678"], "text": "hi"})
+    assert (status, created["urns"]) == (201, [PHONE])
+
+
+@pytest.mark.parametrize(
+    ("urn", "stored"),
+    [
+        ("tel:+2547123", "tel:2547123"),
+        ("tel:+999123456", "tel:999123456"),
+        ("tel:+0712345678", "tel:0712345678"),
+    ],
+    ids=["too-short", "unknown-country-code", "plus-zero"],
+)
+async def test_impossible_plus_number_is_reinterpreted_not_refused(
+    client: TestClient[Any, Any], sandbox: Sandbox, urn: str, stored: str
+) -> None:
+    """RapidPro drops the `+` and takes the digits as a local number: a stranger's SMS."""
+    status, created = await post(client, {"urns": [urn], "text": "hi"})
+    assert (status, created["urns"]) == (201, [stored])
+    sandbox.advance(1)
+    assert [m.urn for m in sandbox.messages] == [stored]
+    sandbox.configure(default_country=None)  # a workspace whose time zone names no country
+    status, body = await post(client, {"urns": [urn], "text": "hi"})
+    message = f"Invalid URN: {urn}. Ensure phone numbers contain country codes."
+    assert (status, body) == (400, {"urns": {"0": [message]}})
+
+
 async def test_text_is_evaluated_per_contact(
     client: TestClient[Any, Any], sandbox: Sandbox
 ) -> None:
@@ -384,6 +433,43 @@ async def test_url_forms(client: TestClient[Any, Any], sandbox: Sandbox) -> None
     assert [r.status for r in sandbox.requests] == [404, 200, 404, 405]
 
 
+async def test_json_answers_carry_no_charset_allow_or_vary(
+    client: TestClient[Any, Any],
+) -> None:
+    for method, path in (("GET", BROADCASTS), ("DELETE", BROADCASTS), ("GET", "/api/v2/messages")):
+        async with client.request(method, path) as response:
+            assert response.headers["Content-Type"] == "application/json", (method, path)
+            assert "Allow" not in response.headers and "Vary" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "detail"),
+    [
+        (f"Token {DEFAULT_TOKEN}", 405, 'Method "DELETE" not allowed.'),
+        (None, 405, 'Method "DELETE" not allowed.'),
+        ("Token " + "f" * 40, 403, "Invalid token"),
+    ],
+    ids=["valid-token-throttled", "anonymous", "bad-token"],
+)
+async def test_method_is_checked_before_anonymity_and_throttling(
+    aiohttp_client: AiohttpClient,
+    sandbox: Sandbox,
+    header: str | None,
+    status: int,
+    detail: str,
+) -> None:
+    """RapidPro's `APIPermission` answers 405 before it looks at the user or the throttle."""
+    sandbox.configure(rates={"v2": 1})
+    client = await aiohttp_client(build_app(sandbox))
+    headers = {"Authorization": header} if header else {}
+    await client.get(BROADCASTS, headers=AUTH)  # uses up the quota
+    async with client.delete(BROADCASTS, headers=headers) as response:
+        assert (response.status, await response.json()) == (status, {"detail": detail})
+        assert ("X-Temba-Org" in response.headers) == (header == AUTH["Authorization"])
+    async with client.get(BROADCASTS, headers=headers) as response:
+        assert response.status == (429 if header == AUTH["Authorization"] else 403)
+
+
 # --- throttling ----------------------------------------------------------------------------------
 
 
@@ -499,6 +585,17 @@ async def test_commit_then_slow_answer_times_out(
         )
     assert len(sandbox.posted_broadcasts()) == 1  # created before the answer was due
     await asyncio.sleep(0.3)  # let the slow handler finish before the server closes
+
+
+async def test_fault_every_nth_request(client: TestClient[Any, Any], sandbox: Sandbox) -> None:
+    sandbox.add_fault(method="POST", path="broadcasts.json", status=502, every=4, count=None)
+    statuses = []
+    for n in range(8):
+        async with client.post(BROADCASTS, json={"urns": [PHONE], "text": f"m{n}"}) as response:
+            statuses.append(response.status)
+    assert statuses == [201, 201, 201, 502] * 2
+    with pytest.raises(ValueError, match="every"):
+        sandbox.add_fault(every=0)
 
 
 async def test_probabilistic_faults_are_seeded(

@@ -118,3 +118,12 @@ def test_rates_and_config_from_arguments() -> None:
     assert config.rates == {"v2": 5}
     assert config.tokens == frozenset({"a" * 40})
     assert config.retry_after_header is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "country"),
+    [([], "KE"), (["--default-country", "RW"], "RW"), (["--default-country", "none"], None)],
+    ids=["default", "given", "none"],
+)
+def test_default_country_from_arguments(argv: list[str], country: str | None) -> None:
+    assert config_from_args(build_parser().parse_args(argv)).default_country == country

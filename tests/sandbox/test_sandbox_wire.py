@@ -29,28 +29,54 @@ T0 = datetime(2026, 3, 2, 17, 28, 12, 123456, tzinfo=UTC)
     [
         ("tel:+1-800-123-4567", None, "tel:+18001234567"),
         ("tel:(078) 812-3123", "RW", "tel:+250788123123"),
+        ("tel:0712345678", "KE", "tel:+254712345678"),
         ("tel:250788123123", None, "tel:+250788123123"),
-        ("TEL:+254 712 345 678", None, "tel:+254712345678"),
+        ("tel: +254 712 345 678 ", "KE", "tel:+254712345678"),
+        ("tel:2.54712345678E+11", "KE", "tel:+254712345678"),
+        ("TEL:+254712345678", None, None),
         ("tel:800-123-4567", None, None),
+        ("tel:0712345678", None, None),
         ("12345", None, None),
         ("tel:12", "KE", None),
+        ("tel:++--", "KE", None),
         ("tel:", None, None),
         ("sms:+254712345678", None, None),
         ("whatsapp:254712345678", None, "whatsapp:254712345678"),
         (42, None, None),
+        # Not possible with its `+`: kept as bare digits, a local number of the workspace.
+        ("tel:+2547123", "KE", "tel:2547123"),
+        ("tel:+999123456", "KE", "tel:999123456"),
+        ("tel:+0712345678", "KE", "tel:0712345678"),
+        ("tel:+15551212", "KE", "tel:15551212"),
+        # ...and refused where the workspace has no country.
+        ("tel:+2547123", None, None),
+        ("tel:+999123456", None, None),
+        ("tel:+0712345678", None, None),
     ],
     ids=[
         "e164-dashes",
         "local-rw",
+        "local-ke",
         "implied-plus",
-        "scheme-case",
+        "spaces-trimmed",
+        "excel-exponent",
+        "scheme-is-case-sensitive",
         "no-country",
+        "local-without-country",
         "no-scheme",
         "short-code",
+        "no-digits",
         "empty-path",
         "unknown-scheme",
         "other-scheme",
         "not-a-string",
+        "too-short-plus-reinterpreted",
+        "unknown-country-code-reinterpreted",
+        "plus-zero-reinterpreted",
+        "local-only-length-reinterpreted",
+        "too-short-plus-no-country",
+        "unknown-country-code-no-country",
+        "plus-zero-no-country",
     ],
 )
 def test_normalize_urn(urn: Any, country: str | None, expected: str | None) -> None:
@@ -149,6 +175,33 @@ def _validate(body: Any, dialect: str = "current") -> Any:
             {"contacts": ["No such object: nobody"]},
         ),
         ({"groups": ["Nurses"], "text": "hi"}, "current", {"groups": ["No such object: Nurses"]}),
+        (
+            {"urns": ["tel:+254712345678"], "text": "visit\x00today"},
+            "v9",
+            {"text": {"eng": ["Null characters are not allowed."]}},
+        ),
+        (
+            {"urns": ["tel:+254712345678"], "text": {"eng": "ok", "swa": "sawa \ud83d"}},
+            "current",
+            {"text": {"swa": ["Surrogate characters are not allowed: U+D83D."]}},
+        ),
+        (
+            {"urns": ["tel:+254712345678"], "text": "\x00" + "x" * 640},
+            "v9",
+            {
+                "text": {
+                    "eng": [
+                        "Ensure this field has no more than 640 characters.",
+                        "Null characters are not allowed.",
+                    ]
+                }
+            },
+        ),
+        (
+            {"urns": ["tel:+254712345678"], "text": "x" * 641 + " "},
+            "v9",
+            {"text": {"eng": ["Ensure this field has no more than 640 characters."]}},
+        ),
     ],
     ids=[
         "not-object",
@@ -163,6 +216,10 @@ def _validate(body: Any, dialect: str = "current") -> Any:
         "base-language",
         "unknown-contact",
         "unknown-group",
+        "nul",
+        "lone-surrogate",
+        "every-failing-validator-reports",
+        "too-long-even-trimmed",
     ],
 )
 def test_validation_errors(body: Any, dialect: str, errors: dict[str, Any]) -> None:
@@ -176,6 +233,33 @@ def test_validation_normalises_and_keys_text_by_language() -> None:
     assert request.urns == ("tel:+18001234567",)
     assert request.text == {"eng": "x" * 640}
     assert request.base_language == "eng"
+
+
+@pytest.mark.parametrize(
+    ("text", "stored"),
+    [
+        ("x" * 640 + " ", "x" * 640),
+        ("reminder\n", "reminder"),
+        (" \t reminder\r\n", "reminder"),
+        ("two\r\nlines\n\n", "two\r\nlines"),
+        ("nbsp\u00a0\u2003", "nbsp"),
+        ("zero width\u200b", "zero width\u200b"),
+        (5, "5"),
+    ],
+    ids=[
+        "limit-checked-after-trim",
+        "trailing-newline",
+        "both-ends",
+        "inner-crlf-kept",
+        "unicode-spaces",
+        "zero-width-is-not-whitespace",
+        "number-coerced",
+    ],
+)
+def test_text_is_trimmed_as_drf_does(text: Any, stored: str) -> None:
+    """DRF `CharField(trim_whitespace=True)`: `str.strip()`, nothing else (no line endings)."""
+    request = _validate({"urns": ["tel:+254712345678"], "text": {"eng": text}}, "v9")
+    assert request.text == {"eng": stored}
 
 
 @pytest.mark.parametrize(

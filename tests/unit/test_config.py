@@ -32,7 +32,9 @@ def test_minimal_env_gives_documented_defaults() -> None:
     )
     assert settings.listen_host == "127.0.0.1"
     assert settings.listen_port == 5989
-    assert settings.service == "rapidpro"
+    # Not one of CHT's own services: CHT's API stays idle while the daemon sends (issue 12).
+    assert settings.service == "cht-rapidpro"
+    assert settings.no_cht_api is False
     assert settings.instance == f"{socket.gethostname()}:5989"
     assert settings.poll_interval_s == 60.0
     assert settings.log_level == "info"
@@ -59,7 +61,9 @@ def test_unrelated_environment_is_ignored() -> None:
         ("PORT", "6000", "listen_port", 6000),
         ("PORT", " 6000 ", "listen_port", 6000),
         ("PORT", "0", "listen_port", 0),
-        ("SERVICE", "cht-rapidpro", "service", "cht-rapidpro"),
+        ("SERVICE", "textit-daemon", "service", "textit-daemon"),
+        ("NO_CHT_API", "true", "no_cht_api", True),
+        ("NO_CHT_API", "No", "no_cht_api", False),
         ("INSTANCE", "replica-a", "instance", "replica-a"),
         ("POLL_INTERVAL", "2.5", "poll_interval_s", 2.5),
         ("LOG_LEVEL", "DEBUG", "log_level", "debug"),
@@ -175,6 +179,7 @@ def test_password_never_appears_in_errors_or_repr() -> None:
         ("PORT", "5989.5"),
         ("HOST", "   "),
         ("SERVICE", ""),
+        ("NO_CHT_API", "maybe"),
         ("POLL_INTERVAL", "0"),
         ("POLL_INTERVAL", "-1"),
         ("POLL_INTERVAL", "nan"),
@@ -221,6 +226,34 @@ def test_all_problems_are_reported_at_once() -> None:
 def test_single_problem_message_is_singular() -> None:
     with pytest.raises(ConfigError, match=r"^configuration error \(1 problem\):\n  COUCH_URL"):
         Settings.from_env({})
+
+
+# --------------------------------------------------------------------------- two senders
+
+CHT_SERVICES = ["rapidpro", "africas-talking", "nepal-doit-sms", "medic-gateway"]
+
+
+@pytest.mark.parametrize("service", CHT_SERVICES)
+def test_a_service_of_chts_own_is_refused(service: str) -> None:
+    """CHT's API sends every pending message itself while sms.outgoing_service names one of
+    its services: the daemon beside it would send them all a second time (issue 12)."""
+    (problem,) = problems({**BASE, "CHT_RAPIDPRO_SERVICE": service})
+    assert problem.startswith(f"CHT_RAPIDPRO_SERVICE: {service!r} is one of CHT's own ")
+    assert "CHT_RAPIDPRO_NO_CHT_API=true" in problem and "'cht-rapidpro'" in problem
+
+
+@pytest.mark.parametrize("service", CHT_SERVICES)
+def test_a_service_of_chts_own_is_allowed_where_no_cht_api_runs(service: str) -> None:
+    env = {**BASE, "CHT_RAPIDPRO_SERVICE": service, "CHT_RAPIDPRO_NO_CHT_API": "true"}
+    settings = Settings.from_env(env)
+    assert (settings.service, settings.no_cht_api, settings.second_sender) == (service, True, None)
+
+
+def test_the_diagnosis_may_load_a_second_sender_to_report_it() -> None:
+    env = {**BASE, "CHT_RAPIDPRO_SERVICE": "rapidpro"}
+    settings = Settings.from_env(env, allow_second_sender=True)
+    assert settings.second_sender is not None
+    assert settings.second_sender == problems(env)[0]
 
 
 # --------------------------------------------------------------------------- placeholders

@@ -30,10 +30,11 @@ from cht_rapidpro.rapidpro.client import (
     classify,
     summarize_errors,
 )
-from cht_rapidpro.rapidpro.models import Broadcast, Target
+from cht_rapidpro.rapidpro.models import Broadcast, Target, stored_text
 from cht_rapidpro.rapidpro.throttle import BROADCASTS, MESSAGES, Budget
 
 INVALID_URN = "Invalid URN: tel:123. Ensure phone numbers contain country codes."
+MASKED_URN = "Invalid URN: tel:***. Ensure phone numbers contain country codes."
 FLAGGED = (
     "Sorry, your workspace is currently flagged. To re-enable starting flows and sending "
     "messages, please contact support."
@@ -43,12 +44,20 @@ FLAGGED = (
 @pytest.mark.parametrize(
     ("body", "summary"),
     [
-        ({"urns": {"0": [INVALID_URN]}}, f"urns.0: {INVALID_URN}"),
+        ({"urns": {"0": [INVALID_URN]}}, f"urns.0: {MASKED_URN}"),
+        (
+            {"urns": {"0": ["Invalid URN: tel:+2547. Ensure phone numbers ..."]}},
+            "urns.0: Invalid URN: tel:***547. Ensure phone numbers ...",
+        ),
+        (
+            {"urns": {"0": ["Invalid URN: tel:+254 712 345 678. Ensure phone numbers ..."]}},
+            "urns.0: Invalid URN: tel:***678. Ensure phone numbers ...",
+        ),
         (
             {"text": {"eng": ["Ensure this field has no more than 640 characters."]}},
             "text.eng: Ensure this field has no more than 640 characters.",
         ),
-        ({"groups": ["No such object: 123456"]}, "groups: No such object: 123456"),
+        ({"groups": ["No such object: 123456"]}, "groups: No such object: ***456"),
         (
             {"non_field_errors": ["Must provide either text or attachments."]},
             "Must provide either text or attachments.",
@@ -57,7 +66,7 @@ FLAGGED = (
         ({"detail": "Value for id must be an integer"}, "Value for id must be an integer"),
         (
             {"urns": {"0": [INVALID_URN], "2": ["Invalid URN: tel:abc."]}},
-            f"urns.0: {INVALID_URN}; urns.2: Invalid URN: tel:abc.",
+            f"urns.0: {MASKED_URN}; urns.2: Invalid URN: tel:abc.",
         ),
         (
             {"urns": ["This field is required."], "text": ["This field may not be blank."]},
@@ -75,6 +84,8 @@ FLAGGED = (
     ],
     ids=[
         "listfield-string-index",
+        "short-number-masked",
+        "spaced-number-masked",
         "translated-text",
         "relation-flat-list",
         "non-field-errors",
@@ -218,9 +229,18 @@ def test_permanent_statuses_are_never_retryable(status: int) -> None:
     assert not isinstance(error, RetryableError)
 
 
-def test_400_error_carries_the_drf_summary() -> None:
-    error = classify(400, {"urns": {"0": [INVALID_URN]}}, headers(), is_post=True, what="send")
-    assert str(error) == f"urns.0: {INVALID_URN}"
+def test_400_error_carries_the_drf_summary_with_numbers_masked() -> None:
+    refused = "Invalid URN: tel:+254712345678. Ensure phone numbers contain country codes."
+    error = classify(400, {"urns": {"0": [refused]}}, headers(), is_post=True, what="send")
+    assert str(error) == (
+        "urns.0: Invalid URN: tel:***678. Ensure phone numbers contain country codes."
+    )
+
+
+def test_auth_error_detail_is_masked_too() -> None:
+    error = classify(403, {"detail": "No access for +254712345678"}, headers(), is_post=False,
+                     what="list broadcasts")  # fmt: skip
+    assert "***678" in str(error) and "254712345678" not in str(error)
 
 
 @pytest.mark.parametrize("status", [401, 403], ids=lambda s: str(s))
@@ -372,3 +392,29 @@ async def test_send_broadcast_5xx_is_ambiguous() -> None:
     with pytest.raises(RetryableError) as raised:
         await client.send_broadcast(TARGET, ["tel:+254712345678"], "hello")
     assert raised.value.ambiguous is True
+
+
+@pytest.mark.parametrize(
+    ("posted", "stored"),
+    [
+        ("visit reminder\n", "visit reminder"),
+        ("visit reminder ", "visit reminder"),
+        ("\tvisit reminder\r\n", "visit reminder"),
+        ("line one\r\nline two\n", "line one\r\nline two"),
+        ("ziara\u00a0", "ziara"),
+        ("ziara\u200b", "ziara\u200b"),
+        ("visit @@ 5pm ", "visit @@ 5pm"),
+    ],
+    ids=[
+        "newline",
+        "space",
+        "tab-and-crlf",
+        "inner-line-endings-kept",
+        "no-break-space",
+        "zero-width-space-is-not-whitespace",
+        "escaped-at-untouched",
+    ],
+)
+def test_stored_text_is_trimmed_as_drf_does(posted: str, stored: str) -> None:
+    """RapidPro's `CharField(trim_whitespace=True)`: what a lookup must compare against."""
+    assert stored_text(posted) == stored

@@ -24,6 +24,15 @@ from .state import (
 TaskList = Literal["tasks", "scheduled_tasks"]
 TASK_LISTS: tuple[TaskList, ...] = ("tasks", "scheduled_tasks")  # CHT's order
 
+#: `sms.outgoing_service` values with which CHT itself sends: its API's push services
+#: (messaging.js: rapidpro, africas-talking, nepal-doit-sms; each sends every message in
+#: `pending` or `forwarded-to-gateway`, so also what this daemon has claimed) and medic-gateway
+#: (phones fetch pending messages from the API). Beside any of them this daemon is a second
+#: sender of the same messages; any other value (e.g. `cht-rapidpro`) keeps CHT idle.
+CHT_OUTGOING_SERVICES = frozenset(
+    {"rapidpro", "africas-talking", "nepal-doit-sms", "medic-gateway"}
+)
+
 #: `state_details["claimed_by"]` of our claims: tells them apart from medic-gateway's
 #: `forwarded-to-gateway`, which is simply sendable.
 CLAIM_MARK = "cht-rapidpro"

@@ -18,6 +18,7 @@ import aiohttp
 from yarl import URL
 
 from ..cht import credentials as creds
+from ..cht.outgoing import CHT_OUTGOING_SERVICES
 from ..chtconfig import read_credential
 from ..config import Settings
 from ..couch.client import CouchClient, NotFoundError
@@ -214,22 +215,71 @@ class _Diagnosis:
         return app
 
     def _outgoing_service(self, app: AppSettings | None) -> None:
+        """One sender per database: CHT's own, or this daemon (issue 12)."""
         what, wanted = "sms.outgoing_service", self.settings.service
+        actual = sms_settings(app.values).get("outgoing_service") if app else None
+        second_sender = self.settings.second_sender
+        if second_sender is not None:
+            now = f" (sms.outgoing_service is {actual!r} now)" if app else ""
+            self.add(
+                "cht.outgoing_service",
+                what,
+                FAIL,
+                f"TWO SENDERS: CHT_RAPIDPRO_SERVICE is {wanted!r}, one of CHT's own services: "
+                "CHT's API and this daemon would both send every message, so the daemon "
+                f"refuses to run{now}",
+                "unset CHT_RAPIDPRO_SERVICE (default 'cht-rapidpro') and set "
+                "sms.outgoing_service to 'cht-rapidpro' in app settings; set "
+                "CHT_RAPIDPRO_NO_CHT_API=true instead only if no CHT API serves this database",
+            )
+            return
         if app is None:
             self.add("cht.outgoing_service", what, SKIP, "no app settings")
             return
-        actual = sms_settings(app.values).get("outgoing_service")
-        if actual == wanted:
-            self.add("cht.outgoing_service", what, OK, f"{actual!r}, as CHT_RAPIDPRO_SERVICE")
+        if actual == wanted and wanted in CHT_OUTGOING_SERVICES:
+            self.add(
+                "cht.outgoing_service",
+                what,
+                WARN,
+                f"{actual!r}, one of CHT's own services, allowed by CHT_RAPIDPRO_NO_CHT_API="
+                "true: any CHT API serving this database sends every message too",
+                "make sure no CHT API serves this database, or set both sms.outgoing_service "
+                "and CHT_RAPIDPRO_SERVICE to 'cht-rapidpro'",
+            )
             return
+        if actual == wanted:
+            self.add(
+                "cht.outgoing_service",
+                what,
+                OK,
+                f"{actual!r}, as CHT_RAPIDPRO_SERVICE (CHT's own senders stay idle)",
+            )
+            return
+        if actual in CHT_OUTGOING_SERVICES:
+            self.add(
+                "cht.outgoing_service",
+                what,
+                FAIL,
+                f"is {actual!r}: CHT's own sender sends the messages, and this daemon "
+                f"(CHT_RAPIDPRO_SERVICE {wanted!r}) neither sends nor polls",
+                f"to have this daemon send, set sms.outgoing_service to {wanted!r} in app "
+                "settings (CHT's sender then stays idle; its incoming webhooks keep working). "
+                f"Do not set CHT_RAPIDPRO_SERVICE to {actual!r}: CHT and the daemon would both "
+                "send every message",
+            )
+            return
+        other = (
+            f" (or CHT_RAPIDPRO_SERVICE to {actual!r})"
+            if isinstance(actual, str) and actual.strip()
+            else ""
+        )
         self.add(
             "cht.outgoing_service",
             what,
             FAIL,
             f"is {actual!r}, but CHT_RAPIDPRO_SERVICE is {wanted!r}: the daemon neither "
             "sends nor polls",
-            f"set sms.outgoing_service to {wanted!r} in app settings (or CHT_RAPIDPRO_SERVICE "
-            "to the value there)",
+            f"set sms.outgoing_service to {wanted!r} in app settings{other}",
         )
 
     def _rapidpro_url(self, app: AppSettings | None) -> URL | None:

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from ..cht import phone
+from ..cht.outgoing import CHT_OUTGOING_SERVICES as CHT_SERVICES
 from ..cht.state import State, parse_iso, set_task_state
 from ..config import Settings
 from ..couch.client import CouchClient, JsonDict
@@ -204,9 +205,10 @@ async def run_send(
         else:
             service = sms_settings(app.values).get("outgoing_service")
             if service != settings.service:
+                other = " (CHT's own sender will, if CHT runs)" if service in CHT_SERVICES else ""
                 err.write(
                     f"note: sms.outgoing_service is {service!r}, not {settings.service!r}: "
-                    "this daemon will not send the message until that changes "
+                    f"this daemon will not send the message until that changes{other} "
                     "(run cht-rapidpro check)\n"
                 )
         doc = message_doc(app.values, to, text, sent_by=sent_by, sender_phone=sender_phone)

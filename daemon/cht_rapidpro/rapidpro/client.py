@@ -3,6 +3,10 @@
 Thin and typed: it turns every HTTP outcome into an `errors` class through one table
 (`classify`) and holds no business rules. Callers pass the `Target` (URL and token), which
 comes from CHT's settings and vault and may change at any time.
+
+Text that RapidPro wrote (a 400's field errors, a 403's detail) reaches the errors only through
+`cht.phone.mask_numbers`: RapidPro repeats the URN it refused (`Invalid URN: tel:+2547. ...`),
+and these texts go to logs, `/healthz` and the task's `state_details`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import aiohttp
 from yarl import URL
 
 from .. import __version__
+from ..cht.phone import mask_numbers
 from ..errors import (
     AuthError,
     GatewayError,
@@ -40,7 +45,10 @@ MAX_SUMMARY = 500
 
 
 def summarize_errors(body: Any) -> str:
-    """Flatten a DRF error body into one line: `urns.0: Invalid URN: ...; text.eng: ...`."""
+    """Flatten a DRF error body into one line: `urns.0: Invalid URN: ...; text.eng: ...`.
+
+    Phone numbers in it are masked (`tel:***547`), and it is bounded for `state_details`.
+    """
     parts: list[str] = []
 
     def walk(prefix: str, value: Any) -> None:
@@ -55,7 +63,7 @@ def summarize_errors(body: Any) -> str:
             parts.append(f"{prefix}: {value}" if prefix else str(value))
 
     walk("", body)
-    summary = "; ".join(parts) or "Bad request"
+    summary = mask_numbers("; ".join(parts)) or "Bad request"
     return summary if len(summary) <= MAX_SUMMARY else summary[: MAX_SUMMARY - 1] + "…"
 
 
@@ -78,6 +86,7 @@ def classify(
         return PermanentError(summarize_errors(body))
     if status in (401, 403):
         detail = body.get("detail") if isinstance(body, dict) else None
+        detail = mask_numbers(str(detail)) if detail else None
         return AuthError(
             f"{what}: RapidPro refused the API token ({status} {detail or 'forbidden'}); "
             "check credential rapidpro:outgoing (a token of an Administrator or Editor)"
@@ -153,7 +162,13 @@ class RapidProClient:
         data = None
         if body is not None:
             headers["Content-Type"] = "application/json"
-            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            try:
+                data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate (CouchDB's JSON can hold "\ud83d"; UTF-8 cannot): send it
+                # escaped, and RapidPro answers its own 400 ("Surrogate characters are not
+                # allowed"), so the message fails with a reason instead of crashing the job.
+                data = json.dumps(body).encode("ascii")
         is_post = method == "POST"
         self.requests += 1
         if self._metrics is not None:

@@ -25,6 +25,21 @@ class Target:
         return base.with_path(base.path.rstrip("/") + f"/api/v2/{name}.json")
 
 
+def stored_text(text: str) -> str:
+    """A broadcast text as RapidPro stores and lists it, for comparing with what was posted.
+
+    `BroadcastWriteSerializer.text` is a `TranslatedTextField` whose child is a DRF
+    `CharField(max_length=...)` with DRF's default `trim_whitespace=True`: `to_internal_value`
+    returns `str(data).strip()` (Python's Unicode whitespace, so `\n`, `\r\n`, `\t` and
+    no-break spaces at either end), and that is what the broadcast keeps (temba
+    `api/v2/fields.py`, `api/v2/serializers.py`; rest_framework `fields.py` `CharField`). Nothing
+    else is normalised: line endings inside the text, Unicode forms and `@` expressions are stored
+    as sent (Django keeps the translations as JSON; mailroom's `msg/broadcast` stores them as
+    given and evaluates expressions only per message).
+    """
+    return text.strip()
+
+
 @dataclass(frozen=True, slots=True)
 class Broadcast:
     """A broadcast as returned by POST (201) or listed by GET /broadcasts."""

@@ -49,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-retry-after", action="store_true", help="send 429s without a Retry-After header"
     )
-    parser.add_argument("--default-country", help="the org's country for local numbers, e.g. RW")
+    parser.add_argument(
+        "--default-country",
+        default=SandboxConfig().default_country,
+        help="the workspace's country for local numbers (ISO code, e.g. RW; default "
+        "%(default)s), or 'none' for a workspace without one",
+    )
     incoming = parser.add_argument_group("send one incoming SMS instead of serving")
     incoming.add_argument("--incoming-url", metavar="URL", help="the webhook (CHT's endpoint)")
     incoming.add_argument("--from", dest="from_", metavar="PHONE", help="sender, e.g. +2507...")
@@ -76,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         dialect=args.dialect,
         rates=parse_rates(args.rate, base),
         retry_after_header=not args.no_retry_after,
-        default_country=args.default_country,
+        default_country=None if args.default_country.lower() == "none" else args.default_country,
         step_seconds=args.step_seconds,
     )
 

@@ -1,11 +1,18 @@
 """The sandbox's HTTP side: RapidPro API v2 routes, the `/_sandbox/` control API, start-up.
 
-Faithful (spec §1): `Token`/`Basic` auth answering 403 (never 401) with DRF's details, checks in
-DRF's order (authenticate → throttle → method → handler; a 403 uses no quota, a 400 does),
-`X-Temba-Org`, compact JSON with Unicode unescaped, suffix-less GET lists answering `[]`, Django's
-HTML 404 for unknown URLs (a trailing slash included), cursor pagination with absolute `next` and
-`previous` links keeping the filters. Simplified: only JSON request bodies (form and multipart get
-415), no session auth or permissions per role, no POST /messages or contact writes.
+Faithful (spec §1): `Token`/`Basic` auth answering 403 (never 401) with DRF's details; checks in
+RapidPro's order: a bad token is refused while authenticating, then `APIPermission` answers 405
+to a method the endpoint lacks (before the anonymous check and before throttling: even an
+unauthenticated or throttled DELETE gets 405), then anonymous requests get 403, then the
+throttle (a 403 or 405 uses no quota, a 400 does), then the handler. `X-Temba-Org` on
+authenticated answers, compact JSON with Unicode unescaped and `Content-Type: application/json`
+(no charset, no `Allow` or `Vary` header, as RapidPro answers), suffix-less GET lists answering
+`[]`, Django's HTML 404 for unknown URLs (a trailing slash included), cursor pagination with
+absolute `next` and `previous` links keeping the filters.
+
+Simplified, on purpose: only JSON request bodies (form and multipart get 415), no session auth
+or permissions per role (every valid token may do everything), one workspace (`X-Temba-Org: 1`),
+no POST /messages or contact writes, no HTTPS requirement.
 """
 
 from __future__ import annotations
@@ -70,7 +77,10 @@ class ApiError(Exception):
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=dumps)
+    """DRF's `JSONRenderer` output: compact UTF-8, `Content-Type: application/json` exactly."""
+    return web.Response(
+        body=dumps(data).encode(), status=status, headers={"Content-Type": "application/json"}
+    )
 
 
 # --- middleware: request log, faults, error pages ------------------------------------------------
@@ -181,30 +191,39 @@ def authenticate(header: str | None, tokens: frozenset[str]) -> str | None:
 
 
 async def api(request: web.Request) -> web.StreamResponse:
-    """`/api/v2/<endpoint>[.json]` in DRF's order: authenticate, throttle, method, handler."""
+    """`/api/v2/<endpoint>[.json]` in RapidPro's order (DRF `initial`, then the handler).
+
+    Authentication fails only for credentials it cannot accept (no credentials is anonymous);
+    `APIPermission` then asks for the method's permission and answers 405 for a method the
+    endpoint lacks before it looks at the user; anonymous requests get 403; then the throttle.
+    """
     sandbox = request.app[SANDBOX]
     endpoint = request.match_info["endpoint"]
     methods = ENDPOINTS.get(endpoint)
     if methods is None:
         raise web.HTTPNotFound
     detail = authenticate(request.headers.get("Authorization"), sandbox.config.tokens)
-    if detail is not None:
+    if detail is not None and detail != NOT_PROVIDED:
         return json_response({"detail": detail}, status=403)
-    response = await _authenticated(request, sandbox, endpoint, methods)
-    response.headers["X-Temba-Org"] = "1"
+    method = methods.get(request.method)
+    if method is None:
+        response = json_response({"detail": f'Method "{request.method}" not allowed.'}, status=405)
+    elif detail is not None:
+        return json_response({"detail": detail}, status=403)
+    else:
+        response = await _authenticated(request, sandbox, endpoint, method)
+    if detail is None:
+        response.headers["X-Temba-Org"] = "1"
     return response
 
 
 async def _authenticated(
-    request: web.Request, sandbox: Sandbox, endpoint: str, methods: dict[str, ApiHandler]
+    request: web.Request, sandbox: Sandbox, endpoint: str, method: ApiHandler
 ) -> web.Response:
     try:
         sandbox.check_throttle(throttle_scope(endpoint, sandbox.config.dialect))
     except ThrottledError as exc:
         return _throttled(exc.wait, sandbox.config.retry_after_header)
-    method = methods.get(request.method)
-    if method is None:
-        return json_response({"detail": f'Method "{request.method}" not allowed.'}, status=405)
     if request.method == "GET" and not request.path.endswith(".json"):
         return json_response([])  # "a request to browse the endpoint docs" (spec §1.1)
     try:

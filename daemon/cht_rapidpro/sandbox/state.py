@@ -5,8 +5,11 @@ drive it in-process. Every status is a function of the sandbox clock: a message 
 timeline from creation, and `advance()` moves time instead of sleeping. Faithful: broadcasts
 create their messages one step after the POST (so `?broadcast=` is empty at first), courier's
 error rule (retry after 5 then 10 minutes, the third error is `failed`), `sent_on`/`modified_on`
-upkeep (spec §4.3-§4.4), and DRF's sliding-log throttle per scope (§1.6). Simplified: one org, one
-channel; no loop guard, no 7-day staleness sweep, no blocked contacts.
+upkeep (spec §4.3-§4.4), and DRF's sliding-log throttle per scope (§1.6). The workspace has a
+country (`SandboxConfig.default_country`, Kenya unless configured), as every real workspace has
+one from its time zone. Simplified: one org, one channel; no loop guard, no 7-day staleness sweep,
+no blocked contacts. The `v9` dialect is community RapidPro 9.0: RapidPro 9.1.99 and later report
+read receipts as `read`, as the `current` dialect does.
 """
 
 from __future__ import annotations
@@ -67,7 +70,10 @@ class SandboxConfig:
             unthrottled. `default_rates(dialect)` gives RapidPro's own.
         retry_after_header: send `Retry-After` with a 429.
         page_size: rows per page of a list (fixed 250 on RapidPro).
-        default_country: the org's country (ISO 3166 alpha-2) for local phone numbers.
+        default_country: the org's country (ISO 3166 alpha-2) for local phone numbers. Real
+            workspaces derive it from their time zone; KE matches the CHT settings of the
+            demo and the tests. None is a workspace whose time zone names no country (UTC):
+            local numbers are then refused.
         step_seconds: time between two status changes of a message.
         retry_backoff_seconds: courier's retry unit after an `errored` (5 min, then 10 min).
         default_outcome: statuses a message goes through after `queued` unless scripted.
@@ -84,7 +90,7 @@ class SandboxConfig:
     retry_after_header: bool = True
     throttle_window: float = 3600.0
     page_size: int = 250
-    default_country: str | None = None
+    default_country: str | None = "KE"
     step_seconds: float = 0.2
     retry_backoff_seconds: float = 300.0
     default_outcome: tuple[str, ...] = ("wired", "sent", "delivered")
@@ -266,6 +272,7 @@ class Fault:
         retry_after: `Retry-After` seconds for an injected 429 (None: no header).
         delay: seconds to wait before answering (after committing, if `commit`).
         count: how many matching requests it affects; None means all of them.
+        every: affect only every n-th matching request (the n-th, 2n-th, ...).
         probability: the chance each matching request is affected (seeded RNG).
         commit: handle the request for real first (the broadcast IS created), then fail.
         drop: close the connection instead of answering.
@@ -281,6 +288,8 @@ class Fault:
     probability: float | None = None
     commit: bool = False
     drop: bool = False
+    every: int | None = None
+    seen: int = 0  # matching requests so far (for `every`)
 
     def matches(self, method: str, path: str) -> bool:
         if self.method is not None and self.method.upper() != method.upper():
@@ -357,13 +366,16 @@ class Sandbox:
         probability: float | None = None,
         commit: bool = False,
         drop: bool = False,
+        every: int | None = None,
     ) -> Fault:
         """Inject a failure for the next matching request(s); see `Fault`."""
         fault = Fault(
-            method, path, status, body, retry_after, delay, count, probability, commit, drop
+            method, path, status, body, retry_after, delay, count, probability, commit, drop, every
         )
         if fault.status is None and not fault.drop and not fault.delay:
             raise ValueError("a fault needs a status, a delay or drop")
+        if every is not None and every < 1:
+            raise ValueError("every must be at least 1")
         self.faults.append(fault)
         return fault
 
@@ -375,6 +387,10 @@ class Sandbox:
         for fault in self.faults:
             if not fault.matches(method, path):
                 continue
+            if fault.every is not None:
+                fault.seen += 1
+                if fault.seen % fault.every:
+                    continue
             if fault.probability is not None and self._rng.random() >= fault.probability:
                 continue
             if fault.count is not None:

@@ -1,10 +1,17 @@
 """The sandbox's RapidPro wire format: validation, template rendering, JSON shapes and cursors.
 
 Pure functions (no aiohttp). Faithful to spec rapidpro-api §1.3-§2.4 and §4.3 where it matters to
-a client: DRF-shaped error bodies with RapidPro's exact messages, URN normalisation, field order of
-each dialect, timestamps that drop zero microseconds. Simplified: attachments, groups and quick
-replies are accepted only when empty (the sandbox has no media and no groups), and templates only
-know the contact and its URNs (see `render_template`).
+a client: DRF-shaped error bodies with RapidPro's exact messages; broadcast text trimmed of
+leading and trailing whitespace before it is checked and stored, NUL and lone surrogate
+characters refused (DRF `CharField`); `tel` URN normalisation including RapidPro's
+reinterpretation of `+` numbers that are not possible numbers (`normalize_urn`); field order of
+each dialect; timestamps that drop zero microseconds.
+
+Simplified, on purpose: attachments, groups and quick replies are accepted only when empty (the
+sandbox has no media and no groups); templates only know the contact and its URNs (see
+`render_template`); URNs of schemes other than `tel` are not validated per scheme, and a `?` or
+`#` in a URN path is not split off as RapidPro's URN parser would; translation keys are not
+checked against ISO 639-3.
 """
 
 from __future__ import annotations
@@ -74,29 +81,52 @@ def parse_query_datetime(value: str) -> datetime | None:
 
 
 def normalize_urn(value: object, country: str | None) -> str | None:
-    """`URN.normalize` + `URN.validate` (spec §2.3); None when RapidPro would reject the URN."""
+    """`URN.normalize` + `URN.validate` (spec §2.3); None when RapidPro would reject the URN.
+
+    As RapidPro does it (temba `contacts/models.py` `URN.normalize_number`, `utils/urns`
+    `parse_number`), including what a client least expects: a `tel` number that is not a possible
+    number as written is not refused but kept as its bare digits, `+` dropped, and accepted if
+    those digits are a possible *local* number of the workspace's country: `tel:+2547123` in a
+    Kenyan workspace is stored as `tel:2547123` and the SMS goes to whoever has that local number.
+    """
     if not isinstance(value, str) or len(value) > MAX_URN_LENGTH or ":" not in value:
         return None
     scheme, _, path = value.partition(":")
-    scheme, path = scheme.strip().lower(), path.strip()
+    path = path.strip()
+    # The scheme is matched as written (`TEL:` is not a scheme RapidPro knows).
     if scheme not in URN_SCHEMES or not path:
         return None
     if scheme != "tel":
         return f"{scheme}:{path}"
     number = _normalize_number(path, country)
-    return None if number is None else f"tel:{number}"
+    # `URN.validate`: the stored path must itself parse as a possible number.
+    if not number or _possible_e164(number, country) is None:
+        return None
+    return f"tel:{number}"
 
 
-def _normalize_number(path: str, country: str | None) -> str | None:
-    digits = re.sub(r"[^0-9a-z]", "", path.lower())
-    # A `+` is implied for long numbers not in a national format (`URN.normalize_number`).
-    if path.startswith("+") or (len(digits) >= 11 and not digits.startswith("0")):
-        digits = "+" + digits
+def _normalize_number(path: str, country: str | None) -> str:
+    """`URN.normalize_number`: E.164 when possible as written, else the bare digits."""
+    number = path.strip()
+    normalized = number.lower()
+    if normalized.endswith(("e+11", "e+12")):  # a number Excel turned into 2.54712E+11
+        normalized = normalized[:-4].replace(".", "")
+    normalized = re.sub(r"[^0-9a-z]", "", normalized)
+    parse_as = normalized
+    # A `+` is implied for long numbers not in a national format.
+    if number.startswith("+") or (len(normalized) >= 11 and not normalized.startswith("0")):
+        parse_as = "+" + normalized
+    # "if it's not a possible number, just return what we have minus the +"
+    return _possible_e164(parse_as, country) or normalized
+
+
+def _possible_e164(number: str, country: str | None) -> str | None:
+    """`parse_number`: E.164 if `number` parses and is exactly IS_POSSIBLE, else None."""
     try:
-        parsed = phonenumbers.parse(digits, country.upper() if country else None)
+        parsed = phonenumbers.parse(number, country.upper() if country else None)
     except phonenumbers.NumberParseException:
         return None
-    # Only length-possibility is checked, not `is_valid_number` (spec §2.3).
+    # Only length-possibility, not `is_valid_number`; local-only lengths do not count.
     if (
         phonenumbers.is_possible_number_with_reason(parsed)
         != phonenumbers.ValidationResult.IS_POSSIBLE
@@ -226,6 +256,13 @@ def _no_attachments(value: Any) -> None:
 
 
 def _translations(value: Any, limit: int) -> dict[str, str]:
+    """`TranslatedTextField`: each text through DRF's `CharField(max_length=limit)`.
+
+    DRF trims leading and trailing whitespace first (`trim_whitespace=True`, `str.strip()`), so
+    RapidPro stores and lists the trimmed text and checks the limit on it; then
+    `ProhibitNullCharactersValidator` and `ProhibitSurrogateCharactersValidator` run, every
+    failing validator adding its message.
+    """
     if isinstance(value, str):
         value = {DEFAULT_LANGUAGE: value}
     if not isinstance(value, dict):
@@ -233,16 +270,31 @@ def _translations(value: Any, limit: int) -> dict[str, str]:
     if not value:
         raise _fail(["This field may not be empty."])
     errors: dict[str, list[str]] = {}
+    texts: dict[str, str] = {}
     for language, text in value.items():
+        if isinstance(text, int | float) and not isinstance(text, bool):
+            text = str(text)  # DRF coerces numbers
         if not isinstance(text, str):
             errors[language] = ["Not a valid string."]
-        elif not text.strip():
+            continue
+        text = text.strip()
+        if not text:
             errors[language] = ["This field may not be blank."]
-        elif len(text) > limit:
-            errors[language] = [f"Ensure this field has no more than {limit} characters."]
+            continue
+        problems = []
+        if len(text) > limit:
+            problems.append(f"Ensure this field has no more than {limit} characters.")
+        if "\x00" in text:
+            problems.append("Null characters are not allowed.")
+        surrogate = next((c for c in text if 0xD800 <= ord(c) <= 0xDFFF), None)
+        if surrogate is not None:
+            problems.append(f"Surrogate characters are not allowed: U+{ord(surrogate):X}.")
+        if problems:
+            errors[language] = problems
+        texts[language] = text
     if errors:
         raise _fail(errors)
-    return dict(value)
+    return texts
 
 
 # --- templates -----------------------------------------------------------------------------------
