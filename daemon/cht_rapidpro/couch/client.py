@@ -126,6 +126,8 @@ class WriteResult:
 class ChangesPage:
     results: list[JsonDict]
     last_seq: Any  # opaque: never parsed, compared or incremented
+    #: Changes left after this page (CouchDB 3's `pending`; pouchdb-server sends none).
+    pending: int | None = None
 
 
 class CouchClient:
@@ -336,7 +338,12 @@ class CouchClient:
             params=params,
             client_timeout=timeout,
         )
-        return ChangesPage(results=body.get("results") or [], last_seq=body.get("last_seq"))
+        pending = body.get("pending")
+        return ChangesPage(
+            results=body.get("results") or [],
+            last_seq=body.get("last_seq"),
+            pending=pending if isinstance(pending, int) and not isinstance(pending, bool) else None,
+        )
 
     # -- views ----------------------------------------------------------------------------
 
