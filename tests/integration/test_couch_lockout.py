@@ -9,6 +9,7 @@ the suite's `admin`.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import uuid
@@ -22,9 +23,12 @@ from cht_rapidpro.commands import EX_FAILED, EX_UNAVAILABLE, CommandError, run_c
 from cht_rapidpro.config import Settings
 from couchdb_release import LOCKOUT_REASON, LOCKOUT_THRESHOLD
 from pouchdb import HEADERS, free_port
-from support import CouchAdmin, CouchServer
+from support import INCOMING_KEY, CouchAdmin, CouchServer, eventually
 
 pytestmark = pytest.mark.couchdb_only
+
+V2 = "/api/v2/sms/rapidpro/incoming-messages"
+AUTH = {"Authorization": f"Token {INCOMING_KEY}"}
 
 
 @pytest.fixture
@@ -109,3 +113,58 @@ async def test_check_and_status_explain_a_locked_user(
     assert refused.value.exit_code == EX_UNAVAILABLE
     assert "temporarily locked" in refused.value.message
     assert "wait" in refused.value.message
+
+
+async def post(url: str, body: dict[str, Any], token: dict[str, str]) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json", **token}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=json.dumps(body), headers=headers) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def test_a_locked_out_daemon_keeps_its_keys_answers_503_and_resumes(
+    couch: CouchAdmin, own_admin: CouchServer, daemon_factory: Any
+) -> None:
+    await couch.put_settings(forms={})
+    await couch.put_vault_credential("rapidpro:incoming", INCOMING_KEY)
+    daemon = await daemon_factory(COUCH_URL=own_admin.db_url(couch.db))
+    gateway = daemon.gateway
+    await eventually(lambda: asyncio.sleep(0, gateway.health()), lambda h: h[0],
+                     what="daemon healthy")  # fmt: skip
+    body = {"id": "before-the-lock", "from": "+50689999999", "content": "hi"}
+    assert await post(daemon.url + V2, body, AUTH) == (200, {"saved": 1})
+
+    # Someone else's wrong password for the daemon's user, from this host.
+    await lock(own_admin)
+    body["id"] = "during-the-lock"
+    status, answer = await post(daemon.url + V2, body, AUTH)
+    assert (status, answer["code"]) == (503, 503), answer
+    assert gateway.cht.incoming_key == INCOMING_KEY
+    # The feed sees the lock too, and waits: it used to exit 78, which systemd never restarts.
+    # It sees it at its next request: on CouchDB 3 a long poll with heartbeats ignores its
+    # timeout and lasts until a change comes, so make one.
+    await couch.put({"_id": "a-change", "type": "anything"})
+    await eventually(
+        lambda: asyncio.sleep(0, gateway.health()),
+        lambda h: any("temporarily locked" in problem for problem in h[1]),
+        what="health naming the lock",
+    )
+    await asyncio.sleep(1.0)  # a few more feed and credential attempts
+    assert daemon.fatal == []
+    assert gateway.cht.incoming_key == INCOMING_KEY
+    status, answer = await post(daemon.url + V2, body, {"Authorization": "Token not-the-key"})
+    assert (status, answer["code"]) == (503, 503), answer
+
+    # The lock ends (here: lockout switched off rather than waiting 5 minutes).
+    await couch.set_config("chttpd_auth_lockout", "mode", "off")
+    try:
+        # The feed's next long poll only ends with a change (see the note on heartbeats above).
+        await couch.put({"_id": "another-change", "type": "anything"})
+        await eventually(lambda: asyncio.sleep(0, gateway.health()), lambda h: h[0],
+                         what="daemon healthy again")  # fmt: skip
+        assert await post(daemon.url + V2, body, AUTH) == (200, {"saved": 1})
+    finally:
+        await couch.delete_config("chttpd_auth_lockout", "mode")
+    assert daemon.fatal == []
