@@ -141,6 +141,24 @@ class CouchAdmin:
         node = await self.node()
         await self.request("DELETE", f"/_node/{node}/_config/{section}/{key}", expect=(200, 404))
 
+    async def set_admin(self, user: str, password: str) -> CouchServer:
+        """Add (or re-password) a server admin; returns the server as that admin.
+
+        CouchDB 3 stores the password as given and hashes it a moment later (PBKDF2, 600,000
+        rounds); until then the admin cannot log in, and failed logins would not even count
+        towards the lockout. This waits for the hash, asking as the suite's admin (no failed
+        login on the way).
+        """
+        await self.set_config("admins", user, password)
+        node = await self.node()
+
+        async def stored() -> Any:
+            return await self.request("GET", f"/_node/{node}/_config/admins/{user}")
+
+        await eventually(stored, lambda value: value != password, within=30, every=0.1,
+                         what=f"admin {user}'s password hashed")  # fmt: skip
+        return CouchServer(self.server.url, user, password)
+
     # -- CHT set-up -------------------------------------------------------------------------
 
     async def put_settings(self, **settings: Any) -> dict[str, Any]:

@@ -4,7 +4,9 @@
   `_design/medic.app_settings` as a fallback; reloaded when the changes feed shows it.
 - Credentials `rapidpro:outgoing` / `rapidpro:incoming`: CHT 4.x `medic-vault` (AES, keyed by
   the CouchDB secret), else CHT 3.x config section `medic-credentials`; re-read periodically
-  and on demand (e.g. after RapidPro refuses the token).
+  and on demand (e.g. after RapidPro refuses the token). A read that fails (CouchDB down, the
+  daemon's user locked out or refused) never drops a key read before: only a successful read
+  that finds a key gone or undecryptable does.
 """
 
 from __future__ import annotations
@@ -20,13 +22,18 @@ from yarl import URL
 from .cht import credentials as creds
 from .cht.outgoing import CHT_OUTGOING_SERVICES
 from .cht.translations import DEFAULT_TRANSLATIONS, Translator
-from .couch.client import CouchClient, NotFoundError
+from .couch.client import CouchClient, LoginFailedError, NotFoundError
 from .errors import AuthError, GatewayError
 from .logs import get_logger
 from .rapidpro.models import Target
 from .retry import sleep_or_wake
 
 SECRET_LOCATIONS = (("couch_httpd_auth", "secret"), ("chttpd_auth", "secret"))
+#: After CouchDB refused the daemon's password, the credentials are re-read no sooner than
+#: this, doubling per refusal up to REFUSED_MAX_S: CouchDB locks a user after 5 failed logins
+#: within 5 minutes, and the lock stops CHT too.
+REFUSED_RETRY_S = 60.0
+REFUSED_MAX_S = 3600.0
 TRANSLATIONS_PREFIX = "messages-"
 
 
@@ -102,8 +109,11 @@ class ChtConfig:
         self._translations: dict[str, dict[str, str]] = {}
         self._outgoing: CredentialRead = CredentialRead(None, None, None)
         self._incoming: CredentialRead = CredentialRead(None, None, None)
-        self._read_at = 0.0
+        self._next_read = 0.0  # monotonic time of the next periodic read
+        self._failed_logins = 0  # consecutive reads refused with 401
         self._credentials_read = False  # no verdict on a missing key before the first read
+        self._read_failure: str | None = None  # why the last read failed (None: it worked)
+        self._refused: str | None = None  # CouchDB refused the daemon's user (not transient)
         self._refresh_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._gate = self._compute_gate()
@@ -186,35 +196,82 @@ class ChtConfig:
     # -- credentials ----------------------------------------------------------------------
 
     async def refresh_credentials(self, *, force: bool = False) -> None:
-        """Re-read both credentials if the last read is older than the refresh period."""
+        """Re-read both credentials once the refresh period since the last read has passed
+        (after a refused login: REFUSED_RETRY_S, doubling per refusal).
+
+        Reading stops at the first failure: after a refused login another request would only
+        count towards CouchDB's lockout of the user. A failed read keeps the values read
+        before (the keys did not change because CouchDB cannot be asked); only keys never read
+        get a problem, which names them.
+        """
         async with self._refresh_lock:
-            if not force and time.monotonic() - self._read_at < self._refresh_s:
+            if not force and time.monotonic() < self._next_read:
                 return
-            try:
-                outgoing = await read_credential(self._couch, creds.OUTGOING)
-                incoming = await read_credential(self._couch, creds.INCOMING)
-            except AuthError as exc:
-                problem = (
-                    f"cannot read credentials: {exc}; COUCH_URL must name a CouchDB server "
-                    "admin (CHT's own admin user)"
+            reads: dict[str, CredentialRead] = {}
+            for key in (creds.OUTGOING, creds.INCOMING):
+                try:
+                    reads[key] = await read_credential(self._couch, key)
+                except AuthError as exc:
+                    self._read_refused(key, exc)
+                    return
+                except GatewayError as exc:
+                    # CouchDB down, or the user locked for a while: keep what we had.
+                    self._read_failure = str(exc)
+                    self._log.warning("credentials_read_retrying", error=str(exc))
+                    return
+            self._next_read = time.monotonic() + self._refresh_s
+            self._failed_logins = 0
+            self._read_failure = self._refused = None
+            self._store(reads[creds.OUTGOING], reads[creds.INCOMING])
+
+    def _read_refused(self, failed_key: str, exc: AuthError) -> None:
+        """CouchDB refused the daemon's user: a configuration problem, not an outage."""
+        # Counted as a read: retrying sooner would only add failed logins.
+        delay = self._refresh_s
+        if isinstance(exc, LoginFailedError):
+            self._failed_logins += 1
+            delay = max(delay, min(REFUSED_RETRY_S * 2 ** (self._failed_logins - 1), REFUSED_MAX_S))
+        self._next_read = time.monotonic() + delay
+        self._read_failure = self._refused = (
+            f"cannot read credential {failed_key}: {exc}; COUCH_URL must name a CouchDB "
+            "server admin (CHT's own admin user)"
+        )
+        self._log.error(
+            "credentials_read_failed", key=failed_key, error=str(exc), retry_in_s=round(delay)
+        )
+        kept: dict[str, CredentialRead] = {}
+        for key, previous in ((creds.OUTGOING, self._outgoing), (creds.INCOMING, self._incoming)):
+            if previous.value:
+                kept[key] = previous  # keep the last good value
+            elif key == failed_key:
+                kept[key] = CredentialRead(None, None, self._refused)
+            else:
+                kept[key] = CredentialRead(
+                    None,
+                    None,
+                    f"cannot read credential {key}: not tried after CouchDB refused COUCH_URL's "
+                    f"user reading {failed_key}; COUCH_URL must name a CouchDB server admin "
+                    "(CHT's own admin user)",
                 )
-                outgoing = CredentialRead(None, None, problem)
-                incoming = CredentialRead(None, None, problem)
-            except GatewayError as exc:
-                self._log.warning("credentials_read_retrying", error=str(exc))
-                return  # keep what we had; try again next time
-            self._read_at = time.monotonic()
-            self._credentials_read = True
-            if (outgoing, incoming) != (self._outgoing, self._incoming):
-                for key, read in ((creds.OUTGOING, outgoing), (creds.INCOMING, incoming)):
-                    self._log.info(
-                        "credential_loaded" if read.value else "credential_missing",
-                        key=key,
-                        source=read.source,
-                        problem=read.problem,
-                    )
-            self._outgoing, self._incoming = outgoing, incoming
-            self._update_gate()
+        self._store(kept[creds.OUTGOING], kept[creds.INCOMING])
+
+    def _store(self, outgoing: CredentialRead, incoming: CredentialRead) -> None:
+        self._credentials_read = True
+        if (outgoing, incoming) != (self._outgoing, self._incoming):
+            for key, read, previous in (
+                (creds.OUTGOING, outgoing, self._outgoing),
+                (creds.INCOMING, incoming, self._incoming),
+            ):
+                if read == previous:
+                    continue
+                self._log.info(
+                    "credential_loaded" if read.value else "credential_missing",
+                    key=key,
+                    source=read.source,
+                    problem=read.problem,
+                )
+        self._outgoing, self._incoming = outgoing, incoming
+        self._update_gate()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Background refresh of the credentials (they live outside the medic db)."""
@@ -229,6 +286,17 @@ class ChtConfig:
     @property
     def incoming_problem(self) -> str | None:
         return self._incoming.problem
+
+    @property
+    def credentials_current(self) -> bool:
+        """Whether the credentials were read and the last attempt to read them worked (else
+        the values held are the last good ones, or none)."""
+        return self._credentials_read and self._read_failure is None
+
+    @property
+    def credentials_problem(self) -> str | None:
+        """CouchDB refuses the daemon's user the credentials (a human must act), else None."""
+        return self._refused
 
     # -- the gate -------------------------------------------------------------------------
 

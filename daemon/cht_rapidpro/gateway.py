@@ -350,6 +350,9 @@ class Gateway:
         gate = self.cht.gate
         if not gate.open and gate.severity == "error":
             problems.append(f"sending disabled: {gate.reason}")
+        refused = self.cht.credentials_problem
+        if refused and not any(refused in problem for problem in problems):
+            problems.append(f"credentials not re-read (the last ones read stay in use): {refused}")
         if self.sender.problem:
             problems.append(self.sender.problem)
         return not problems, problems

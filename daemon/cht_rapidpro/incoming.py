@@ -9,6 +9,11 @@ Deliberate differences from CHT (whose answers send RapidPro's flow down its fai
 a duplicate answers 200 `{"saved": 0, "duplicate": true}` (CHT: 400), malformed JSON answers 400
 (CHT: 500), and a CouchDB outage answers 503 (CHT: 500). Every error body is CHT's JSON shape
 `{"code": n, "error": "..."}`.
+
+The key is checked against the last `rapidpro:incoming` read from CouchDB. While the credentials
+cannot be read (CouchDB down, the daemon's user locked out or refused), a missing or different
+key is not the caller's fault as far as we know: the answer is a retryable 503, never a 403
+(which would tell RapidPro's flow that the request itself is wrong).
 """
 
 from __future__ import annotations
@@ -99,9 +104,16 @@ class IncomingWebhook:
             raise WebhookError(403, "Missing authorization token")
         await self._cht.refresh_credentials()  # cheap: re-reads only when stale
         expected = self._cht.incoming_key
+        matches = bool(expected) and hmac.compare_digest(
+            given.group(1).encode(), (expected or "").encode()
+        )
+        if not matches and not self._cht.credentials_current:
+            raise WebhookError(
+                503, "Cannot check the key now: the database is unavailable, try again"
+            )
         if not expected:
             raise WebhookError(403, "No incoming key configured")
-        if not hmac.compare_digest(given.group(1).encode(), expected.encode()):
+        if not matches:
             raise WebhookError(403, "Incorrect token")
         message = await _read_message(request)
         if not self._cht.settings_loaded:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from support import INCOMING_KEY, CouchAdmin, eventually
+from pouchdb import PouchServer
+from support import INCOMING_KEY, CouchAdmin, CouchServer, eventually
 
 V1 = "/api/v1/sms/radpidpro/incoming-messages"
 V2 = "/api/v2/sms/rapidpro/incoming-messages"
 AUTH = {"Authorization": f"Token {INCOMING_KEY}"}
+CANNOT_CHECK = "Cannot check the key now: the database is unavailable, try again"
 
 FORM = {
     "meta": {"code": "FORM", "label": "A form"},
@@ -306,3 +309,71 @@ async def test_error_texts_use_cht_translation_documents(
     assert doc["errors"] == [
         {"code": "sys.missing_fields", "message": "Champs manquants : some_data."}
     ]
+
+
+# -- CouchDB unavailable: retryable answers, keys kept --------------------------------------
+
+
+async def test_while_couchdb_is_down_the_webhook_answers_503_never_403(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    """Issue 12: a daemon that cannot read CouchDB keeps its last good key and answers 503
+    (retryable), never 403 (which sends RapidPro's flow down its failure branch), whether it
+    had read the key before the outage or not."""
+    server = PouchServer(tmp_path, in_memory=False)  # survives its restarts
+    server.start()
+    admin = CouchAdmin(CouchServer(server.url), "medic")
+    body = {"id": "during-outage", "from": "+50689999999", "content": "hi"}
+    wrong = {"Authorization": "Token not-the-key"}
+    unavailable = (503, {"code": 503, "error": CANNOT_CHECK})
+    try:
+        await admin.create_db()
+        await admin.put_settings(forms={"FORM": FORM}, default_country_code=506)
+        await admin.put_vault_credential("rapidpro:incoming", INCOMING_KEY)
+        port = server.port
+
+        # Down from the start: the key was never read. Nothing can be checked.
+        server.stop()
+        daemon = await daemon_factory(COUCH_URL=admin.couch_url, CHT_RAPIDPRO_COUCH_TIMEOUT="2")
+        assert await post(daemon.url + V2, body, headers=AUTH) == unavailable
+        assert await post(daemon.url + V2, body, headers=wrong) == unavailable
+
+        server.start(port)
+        await eventually(
+            lambda: post(daemon.url + V2, body, headers=AUTH),
+            lambda answer: answer == (200, {"saved": 1}),
+            what="the message saved once CouchDB is back",
+        )
+
+        # Down again, the key read before: it is kept; the message cannot be saved (503).
+        server.stop()
+        body["id"] = "second-outage"
+        status, answer = await post(daemon.url + V2, body, headers=AUTH)
+        assert (status, answer["code"]) == (503, 503)
+        assert daemon.gateway.cht.incoming_key == INCOMING_KEY
+        # Once a re-read of the key failed, a different key cannot be judged either.
+        await eventually(
+            lambda: post(daemon.url + V2, body, headers=wrong),
+            lambda answer: answer == unavailable,
+            what="a wrong key answered 503 once the key cannot be re-read",
+        )
+        assert daemon.gateway.cht.incoming_key == INCOMING_KEY
+
+        server.start(port)
+        await eventually(
+            lambda: post(daemon.url + V2, body, headers=AUTH),
+            lambda answer: answer == (200, {"saved": 1}),
+            what="the second message saved once CouchDB is back",
+        )
+        # With the credentials readable again, a wrong key is the caller's fault.
+        assert await post(daemon.url + V2, body, headers=wrong) == (
+            403,
+            {"code": 403, "error": "Incorrect token"},
+        )
+        assert {doc["_id"] for doc in await reports(admin)} == {
+            "sms-rapidpro:during-outage",
+            "sms-rapidpro:second-outage",
+        }
+    finally:
+        await admin.close()
+        server.stop()

@@ -4,6 +4,11 @@ The checks run in dependency order (CouchDB, the medic db, CHT's app settings an
 RapidPro, the daemon's listener); a check whose prerequisite failed is shown as `skip` rather
 than failing for the same reason twice. Nothing is written anywhere, and RapidPro gets one
 cheap GET. Tokens and keys are never printed.
+
+CouchDB locks a user for 5 minutes after 5 failed logins from one address (CouchDB 3.4
+`[chttpd_auth_lockout]`), and the lock also stops CHT and the running daemon, which use the same
+admin. So once CouchDB refuses the name or password (401), or reports the user locked, `check`
+sends CouchDB nothing more: one run costs at most one failed login.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from ..cht import credentials as creds
 from ..cht.outgoing import CHT_OUTGOING_SERVICES
 from ..chtconfig import read_credential
 from ..config import Settings
-from ..couch.client import CouchClient, NotFoundError
+from ..couch.client import AccountLockedError, CouchClient, LoginFailedError, NotFoundError
 from ..errors import AuthError, GatewayError, RetryableError, UpstreamConfigError
 from ..incoming import ROUTES as WEBHOOK_ROUTES
 from ..rapidpro.client import RapidProClient
@@ -40,6 +45,14 @@ from .common import (
 )
 
 OK, FAIL, WARN, SKIP = "ok", "fail", "warn", "skip"
+_LOCKED_FIX = (
+    "wait: CouchDB unlocks the user by itself 5 minutes after the first failed login "
+    "([chttpd_auth_lockout] max_lifetime), then run check again. Meanwhile find and stop "
+    "whatever keeps trying a wrong password for this user from this host (an old COUCH_URL in "
+    "a script, a service or a shell; each failed check counts too). A running cht-rapidpro "
+    "daemon with the right password waits it out and resumes by itself"
+)
+_REFUSED_SKIP = "CouchDB refused COUCH_URL's credentials (see above): no further attempts"
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 _CREDENTIAL_FIX = {
@@ -75,6 +88,10 @@ class _Diagnosis:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.results: list[CheckResult] = []
+        self._reachable = False
+        # Set once CouchDB refused the name or password, or reported the user locked: no
+        # request after that (each failed login counts towards CouchDB's lockout).
+        self._refused: LoginFailedError | AccountLockedError | None = None
 
     def add(
         self, name: str, what: str, status: str, detail: str, fix: str | None = None
@@ -89,14 +106,14 @@ class _Diagnosis:
             settings.couch, timeout_s=min(settings.couch_timeout_s, COMMAND_COUCH_TIMEOUT_S)
         )
         try:
-            reachable = await self._couch_reachable(couch)
-            await self._couch_admin(couch, reachable)
-            db_ok = await self._database(couch, reachable)
+            self._reachable = await self._couch_reachable(couch)
+            await self._couch_admin(couch)
+            db_ok = await self._database(couch)
             app = await self._app_settings(couch, db_ok)
             self._outgoing_service(app)
             url = self._rapidpro_url(app)
-            token = await self._credential(couch, creds.OUTGOING, reachable)
-            await self._credential(couch, creds.INCOMING, reachable)
+            token = await self._credential(couch, creds.OUTGOING)
+            await self._credential(couch, creds.INCOMING)
         finally:
             await couch.close()
         await self._rapidpro(url, token)
@@ -104,12 +121,22 @@ class _Diagnosis:
 
     # -- CouchDB ----------------------------------------------------------------------------
 
+    def _couch_blocked(self) -> str | None:
+        """Why no (further) CouchDB request is made, None to go on."""
+        if not self._reachable:
+            return "CouchDB is not reachable"
+        if self._refused is not None:
+            return _REFUSED_SKIP
+        return None
+
     async def _couch_reachable(self, couch: CouchClient) -> bool:
         what, server = "CouchDB reachable", str(self.settings.couch.server)
         try:
             info = await couch.server_info()
-        except AuthError:
+        except (AuthError, AccountLockedError) as exc:
             # It answered; whether the credentials are right is the next row's business.
+            if isinstance(exc, LoginFailedError | AccountLockedError):
+                self._refused = exc
             self.add("couch.reachable", what, OK, f"{server} answers")
             return True
         except GatewayError as exc:
@@ -127,9 +154,9 @@ class _Diagnosis:
         self.add("couch.reachable", what, OK, f"{server} answers{shown}")
         return True
 
-    async def _couch_admin(self, couch: CouchClient, reachable: bool) -> None:
+    async def _couch_admin(self, couch: CouchClient) -> None:
         what = "CouchDB admin credentials"
-        if not reachable:
+        if not self._reachable:
             self.add("couch.admin", what, SKIP, "CouchDB is not reachable")
             return
         user = self.settings.couch.user or "?"
@@ -138,29 +165,55 @@ class _Diagnosis:
             "user), e.g. http://admin:pass@host:5984/medic: the daemon reads CHT's "
             "credentials from the server config and the vault"
         )
-        try:
-            # The node's config is readable by server admins only: exactly what the
-            # daemon needs (the CouchDB secret, CHT 3.x credentials).
-            await couch.node_name()
-            await couch.config_value("couch_httpd_auth", "secret")
-        except AuthError as exc:
-            self.add("couch.admin", what, FAIL, f"user {user!r}: {exc}", fix)
-            return
-        except GatewayError as exc:
+        if self._refused is None:
+            try:
+                # The node's config is readable by server admins only: exactly what the
+                # daemon needs (the CouchDB secret, CHT 3.x credentials).
+                await couch.node_name()
+                await couch.config_value("couch_httpd_auth", "secret")
+            except (LoginFailedError, AccountLockedError) as exc:
+                self._refused = exc
+            except AuthError as exc:
+                self.add("couch.admin", what, FAIL, f"user {user!r}: {exc}", fix)
+                return
+            except GatewayError as exc:
+                self.add(
+                    "couch.admin",
+                    what,
+                    FAIL,
+                    f"user {user!r}: {exc}",
+                    "CouchDB did not answer properly: see its answer and log, then retry",
+                )
+                return
+        if isinstance(self._refused, AccountLockedError):
             self.add(
                 "couch.admin",
                 what,
                 FAIL,
-                f"user {user!r}: {exc}",
-                "CouchDB did not answer properly: see its answer and log, then retry",
+                f"user {user!r} is locked: CouchDB refuses every request of this user for a "
+                "while (whatever the password) after 5 failed logins from one address; "
+                f"{self._refused}",
+                _LOCKED_FIX,
+            )
+            return
+        if self._refused is not None:
+            self.add(
+                "couch.admin",
+                what,
+                FAIL,
+                f"user {user!r}: {self._refused}",
+                fix + ". Each failed attempt counts towards CouchDB's lockout (5 within 5 "
+                "minutes lock the user for CHT and the daemon too), so fix COUCH_URL before "
+                "trying again",
             )
             return
         self.add("couch.admin", what, OK, f"user {user!r} is a server admin")
 
-    async def _database(self, couch: CouchClient, reachable: bool) -> bool:
+    async def _database(self, couch: CouchClient) -> bool:
         what, db = "medic database exists", self.settings.couch.db
-        if not reachable:
-            self.add("couch.db", what, SKIP, "CouchDB is not reachable")
+        blocked = self._couch_blocked()
+        if blocked:
+            self.add("couch.db", what, SKIP, blocked)
             return False
         try:
             info = await couch.db_info()
@@ -174,6 +227,7 @@ class _Diagnosis:
             )
             return False
         except GatewayError as exc:
+            self._note_refusal(exc)
             self.add("couch.db", what, FAIL, f"database {db!r}: {exc}", "see the rows above")
             return False
         self.add("couch.db", what, OK, f"{db!r} ({info.get('doc_count', '?')} documents)")
@@ -187,6 +241,7 @@ class _Diagnosis:
         try:
             app = await load_app_settings(couch)
         except GatewayError as exc:
+            self._note_refusal(exc)
             self.add("cht.settings", what, FAIL, str(exc), "see the rows above")
             return None
         if app.source is None:
@@ -323,14 +378,20 @@ class _Diagnosis:
         self.add("cht.rapidpro_url", what, OK, _public(url))
         return url
 
-    async def _credential(self, couch: CouchClient, key: str, reachable: bool) -> str | None:
+    def _note_refusal(self, exc: GatewayError) -> None:
+        if self._refused is None and isinstance(exc, LoginFailedError | AccountLockedError):
+            self._refused = exc
+
+    async def _credential(self, couch: CouchClient, key: str) -> str | None:
         what = f"credential {key}"
-        if not reachable:
-            self.add(f"cht.credential.{key}", what, SKIP, "CouchDB is not reachable")
+        blocked = self._couch_blocked()
+        if blocked:
+            self.add(f"cht.credential.{key}", what, SKIP, blocked)
             return None
         try:
             read = await read_credential(couch, key)
         except AuthError as exc:
+            self._note_refusal(exc)
             self.add(
                 f"cht.credential.{key}",
                 what,
@@ -340,7 +401,9 @@ class _Diagnosis:
             )
             return None
         except GatewayError as exc:
-            self.add(f"cht.credential.{key}", what, FAIL, f"cannot be read: {exc}", "retry")
+            self._note_refusal(exc)
+            fix = _LOCKED_FIX if isinstance(exc, AccountLockedError) else "retry"
+            self.add(f"cht.credential.{key}", what, FAIL, f"cannot be read: {exc}", fix)
             return None
         if read.value:
             self.add(

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from ..config import Settings
-from ..couch.client import CouchClient, JsonDict, NotFoundError
+from ..couch.client import AccountLockedError, CouchClient, JsonDict, NotFoundError
 from ..errors import AuthError, GatewayError
 
 #: Exit codes (sysexits.h where one fits).
@@ -50,6 +50,13 @@ def couch_errors(settings: Settings) -> Iterator[None]:
             f"CouchDB refused the credentials in COUCH_URL ({exc}): COUCH_URL must name a "
             "CouchDB server admin (CHT's admin user) and its password",
             EX_CONFIG,
+        ) from exc
+    except AccountLockedError as exc:
+        raise CommandError(
+            f"CouchDB at {where} has temporarily locked user {settings.couch.user!r} after "
+            f"repeated failed logins from this host ({exc}): wait, it unlocks by itself within "
+            "5 minutes of the first failure; meanwhile stop whatever retries a wrong password",
+            EX_UNAVAILABLE,
         ) from exc
     except NotFoundError as exc:
         raise CommandError(

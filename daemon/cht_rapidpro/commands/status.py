@@ -199,8 +199,24 @@ def _short_seq(seq: Any) -> str | None:
 
 
 async def pending_changes(couch: CouchClient, since: Any) -> tuple[int, bool]:
-    """Documents changed after `since` (CouchDB sequences are opaque: ask the feed)."""
-    count = 0
+    """Documents changed after `since`, and whether the count stopped at the cap.
+
+    Sequences are opaque: on CouchDB 3 one position has many spellings (`update_seq` and a
+    feed's `last_seq` for the same position are different strings), so a checkpoint is never
+    compared with `update_seq`; the feed is asked instead. CouchDB answers in one request: a
+    one-row page and `pending`, the changes left after it, summed over the shards. That is
+    exact on a single node; on a cluster a shard whose copy named in the checkpoint is not
+    available is counted on another copy from an earlier safe position, so the figure is an
+    upper bound there. A server without `pending` (pouchdb-server) is counted page by page, up
+    to PENDING_CHANGES_CAP.
+    """
+    page = await couch.changes(since, limit=1, heartbeat_s=10.0, longpoll=False, include_docs=False)
+    if page.pending is not None:
+        return len(page.results) + page.pending, False
+    count = len(page.results)
+    if not page.results or page.last_seq is None:
+        return count, False
+    since = page.last_seq
     while count < PENDING_CHANGES_CAP:
         page = await couch.changes(
             since, limit=CHANGES_PAGE, heartbeat_s=10.0, longpoll=False, include_docs=False
@@ -212,9 +228,7 @@ async def pending_changes(couch: CouchClient, since: Any) -> tuple[int, bool]:
     return count, True
 
 
-async def read_checkpoints(
-    couch: CouchClient, settings: Settings, update_seq: Any
-) -> list[Checkpoint]:
+async def read_checkpoints(couch: CouchClient, settings: Settings) -> list[Checkpoint]:
     replicas: dict[str, JsonDict] = {}
     for presence in await couch.docs_with_prefix(REPLICA_PREFIX):
         instance = presence.get("instance")
@@ -242,15 +256,14 @@ async def read_checkpoints(
                 )
             )
             continue
-        caught_up = seq == update_seq
-        behind, capped = (0, False) if caught_up else await pending_changes(couch, seq)
+        behind, capped = await pending_changes(couch, seq)
         found.append(
             Checkpoint(
                 instance=instance,
                 seq=_short_seq(seq),
                 saved_at=saved.isoformat() if saved else None,
                 age_s=(now - saved).total_seconds() if saved else None,
-                caught_up=caught_up or behind == 0,
+                caught_up=behind == 0,
                 pending_changes=behind,
                 pending_capped=capped,
                 replica=replica,
@@ -349,7 +362,7 @@ async def collect(settings: Settings) -> StatusReport:
         info = await require_db(couch)
         update_seq = info.get("update_seq")
         counts = await count_messages(couch)
-        checkpoints = await read_checkpoints(couch, settings, update_seq)
+        checkpoints = await read_checkpoints(couch, settings)
     daemon = await daemon_state(settings)
     doc_count = info.get("doc_count")
     return StatusReport(

@@ -42,6 +42,33 @@ class NotFoundError(GatewayError):
     """The database or document does not exist."""
 
 
+class AccountLockedError(RetryableError):
+    """CouchDB refuses the user for a while after repeated failed logins from this address.
+
+    CouchDB 3.4 (`[chttpd_auth_lockout]`, on by default) answers 403 "Account is temporarily
+    locked due to multiple authentication failures" to every request of a user that failed to
+    log in 5 times from one address, *whatever the password*, for 5 minutes after the first
+    failure. Someone else's wrong password does this to the daemon's own user: the lock ends by
+    itself, so it is retryable, not a configuration error (which would stop the daemon).
+    """
+
+
+class LoginFailedError(AuthError):
+    """CouchDB did not accept the name or password (401).
+
+    Each one counts towards CouchDB's lockout of that user (see AccountLockedError): after one,
+    make no further requests with the same credentials.
+    """
+
+
+#: Part of CouchDB's answer to a locked user (chttpd_auth_lockout).
+_LOCKOUT_REASON = "temporarily locked"
+
+
+def _locked_out(status: int, reason: str) -> bool:
+    return status == 403 and _LOCKOUT_REASON in reason.lower()
+
+
 async def couch_compat(
     request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
 ) -> aiohttp.ClientResponse:
@@ -80,6 +107,10 @@ def mapped_errors(what: str) -> Iterator[None]:
     except aiocouch.ConflictError as exc:
         raise ConflictError(f"{what}: conflict") from exc
     except (aiocouch.UnauthorizedError, aiocouch.ForbiddenError) as exc:
+        if isinstance(exc, aiocouch.ForbiddenError) and _locked_out(403, str(exc)):
+            raise _from_status(what, 403, str(exc)) from exc
+        if isinstance(exc, aiocouch.UnauthorizedError):
+            raise LoginFailedError(f"{what}: CouchDB refused the credentials ({exc})") from exc
         raise AuthError(f"{what}: CouchDB refused the credentials ({exc})") from exc
     except aiocouch.NotFoundError as exc:
         raise NotFoundError(f"{what}: not found") from exc
@@ -96,8 +127,15 @@ def mapped_errors(what: str) -> Iterator[None]:
 
 
 def _from_status(what: str, status: int, reason: str) -> GatewayError:
-    if status in (401, 403):
-        return AuthError(f"{what}: CouchDB answered {status} ({reason})")
+    if _locked_out(status, reason):
+        return AccountLockedError(
+            f"{what}: CouchDB has temporarily locked this user after repeated failed logins "
+            f"from this host (403: {reason}); it unlocks by itself within 5 minutes"
+        )
+    if status == 401:
+        return LoginFailedError(f"{what}: CouchDB answered 401 ({reason})")
+    if status == 403:
+        return AuthError(f"{what}: CouchDB answered 403 ({reason})")
     if status == 404:
         return NotFoundError(f"{what}: not found ({reason})")
     if status == 409:
@@ -158,6 +196,8 @@ def revision_key(rev: str) -> tuple[int, str]:
 class ChangesPage:
     results: list[JsonDict]
     last_seq: Any  # opaque: never parsed, compared or incremented
+    #: Changes left after this page (CouchDB 3's `pending`; pouchdb-server sends none).
+    pending: int | None = None
 
 
 class CouchClient:
@@ -429,7 +469,12 @@ class CouchClient:
             params=params,
             client_timeout=timeout,
         )
-        return ChangesPage(results=body.get("results") or [], last_seq=body.get("last_seq"))
+        pending = body.get("pending")
+        return ChangesPage(
+            results=body.get("results") or [],
+            last_seq=body.get("last_seq"),
+            pending=pending if isinstance(pending, int) and not isinstance(pending, bool) else None,
+        )
 
     # -- views ----------------------------------------------------------------------------
 
