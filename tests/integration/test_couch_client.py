@@ -63,3 +63,34 @@ async def test_config_and_node_name(client: CouchClient) -> None:
     assert await client.node_name()
     assert await client.config_value("couch_httpd_auth", "secret")
     assert await client.config_value("medic-credentials", "no-such-key") is None
+
+
+async def test_a_quiet_long_poll_ends_without_an_error(
+    couch: CouchAdmin, client: CouchClient
+) -> None:
+    """CouchDB 3 and pouchdb-server ignore `timeout` while sending heartbeats: the client ends
+    the long poll itself, as a page without changes, so a quiet database neither stalls the
+    feed nor looks like an outage."""
+    await couch.put({"_id": "one"})
+    first = await client.changes(None, limit=10, heartbeat_s=0.2)
+    assert [row["id"] for row in first.results] == ["one"]
+    quiet = await client.changes(first.last_seq, limit=10, heartbeat_s=0.2)
+    assert quiet.results == []
+    assert quiet.last_seq == first.last_seq
+
+
+async def test_leaves_and_conflicts(couch: CouchAdmin, client: CouchClient) -> None:
+    """Every leaf with its ancestry (`open_revs=all`), and `_conflicts` on a plain read."""
+    doc = await couch.put({"_id": "c", "v": 1})
+    parent = doc["_rev"]
+    await couch.put(dict(doc, v=2))
+    sibling = {"_id": "c", "_rev": "2-" + "a" * 32, "v": 3,
+               "_revisions": {"start": 2, "ids": ["a" * 32, parent.split("-")[1]]}}  # fmt: skip
+    await couch.request("POST", f"/{couch.db}/_bulk_docs", {"docs": [sibling], "new_edits": False})
+    leaves = await client.leaves("c")
+    assert len(leaves) == 2
+    assert all(leaf.descends_from(parent) for leaf in leaves)
+    assert {leaf.doc["v"] for leaf in leaves} == {2, 3}
+    read = await client.get("c", conflicts=True)
+    assert read is not None and len(read["_conflicts"]) == 1
+    assert await client.leaves("missing") == []

@@ -445,7 +445,10 @@ class CouchClient:
         """One `_changes` request: returns at once if changes are waiting, else long-polls.
 
         Heartbeats keep the connection alive while it waits; a silent connection for two
-        heartbeat periods counts as dead (retryable).
+        heartbeat periods counts as dead (retryable). CouchDB 3 (like pouchdb-server)
+        ignores the long poll's `timeout` while it sends heartbeats, so on a quiet database
+        the request would last until the next change: it is ended here after `timeout`
+        and answered as a page without changes (the position does not move).
         """
         # `conflicts=true`: a document with conflicting branches shows `_conflicts` (this
         # node's view of them), so that the daemon resolves the ones it caused.
@@ -462,13 +465,21 @@ class CouchClient:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._timeout.sock_connect, sock_read=2 * heartbeat_s + 5
         )
-        body = await self._request_json(
+        request = self._request_json(
             "GET",
             self._url(self.target.db, "_changes"),
             "changes feed",
             params=params,
             client_timeout=timeout,
         )
+        if not longpoll:
+            body = await request
+        else:
+            try:
+                async with asyncio.timeout(max(1.0, heartbeat_s) * 6 + 1.0):
+                    body = await request
+            except TimeoutError:
+                return ChangesPage(results=[], last_seq=since, pending=None)
         pending = body.get("pending")
         return ChangesPage(
             results=body.get("results") or [],
