@@ -124,6 +124,8 @@ RECIPIENTS: list[tuple[str, dict[str, Any], str, str]] = [
     ("partial-local-only-length", {"default_country_code": 1, "phone_validation": "partial"},
      "5551212", IMPOSSIBLE),
     ("partial-plus-local-only-length", PARTIAL, "+15551212", IMPOSSIBLE),
+    # Found by the property test below: RapidPro would store +2540000000 (one zero less).
+    ("partial-not-formatted-back-the-same", PARTIAL, "00000000", IMPOSSIBLE),
 ]  # fmt: skip
 
 

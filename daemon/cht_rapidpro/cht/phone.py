@@ -134,7 +134,8 @@ def _rules(settings: Mapping[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=8192)
 def _kept_by_rapidpro(number: str) -> bool:
-    """Whether RapidPro stores `number` as it is: E.164 and exactly IS_POSSIBLE (not local-only)."""
+    """Whether RapidPro stores `number` as it is: E.164 and exactly IS_POSSIBLE (not local-only),
+    and formatted back to the same string (`+25400000000` would be stored as `+2540000000`)."""
     if not number.startswith("+"):
         return False  # a short number in national format: RapidPro would read it as local
     try:
@@ -144,6 +145,7 @@ def _kept_by_rapidpro(number: str) -> bool:
     return (
         phonenumbers.is_possible_number_with_reason(parsed)
         == phonenumbers.ValidationResult.IS_POSSIBLE
+        and phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) == number
     )
 
 
