@@ -33,11 +33,14 @@ import aiohttp
 from cht_rapidpro import logs
 from harness import (
     ROOT,
+    Backend,
     CouchAdmin,
+    CouchBackend,
     CouchServer,
     CpuMeter,
     Daemon,
-    PouchServer,
+    DaemonGroup,
+    PouchBackend,
     SandboxConfig,
     Workload,
     bulk_load,
@@ -113,20 +116,49 @@ class Context:
     args: argparse.Namespace
     sizes: Sizes
     workdir: Path
-    pouch: PouchServer
-    server: CouchServer
+    backend: Backend
     shared: dict[str, Any] = field(default_factory=dict)
 
-    def daemon(self, name: str, couch: CouchAdmin, **env: str) -> Daemon:
+    @property
+    def server(self) -> CouchServer:
+        return self.backend.server
+
+    def daemon(self, name: str, couch: CouchAdmin, **env: str) -> Any:
+        """The daemon for a benchmark: one, or on a cluster one per node (a `DaemonGroup`)."""
         extra = {f"CHT_RAPIDPRO_{key.upper()}": value for key, value in env.items()}
         extra.update(self.args.daemon_env)
-        return Daemon(self.workdir, name, couch.couch_url, env=extra, profile=self.args.profile)
+        urls = self.backend.urls()
+        if len(urls) == 1:
+            return Daemon(self.workdir, name, couch.couch_url, env=extra, profile=self.args.profile)
+        return DaemonGroup(
+            [
+                Daemon(
+                    self.workdir,
+                    f"{name}-node{i}",
+                    CouchServer(url).db_url(couch.db),
+                    env={**extra, "CHT_RAPIDPRO_INSTANCE": f"bench-{name}-node{i}"},
+                    profile=self.args.profile,
+                )
+                for i, url in enumerate(urls)
+            ]
+        )
 
-    def meter(self, daemon: Daemon) -> CpuMeter:
-        pouch_pid = self.pouch.proc.pid if self.pouch.proc else None
-        return CpuMeter(
-            {"daemon": daemon.pid, "pouchdb-server": pouch_pid, "bench+sandbox": os.getpid()}
-        ).start()
+    def meter(self, daemon: Any) -> CpuMeter:
+        members = daemon.members if isinstance(daemon, DaemonGroup) else [daemon]
+        pids: dict[str, int | None] = {
+            ("daemon" if len(members) == 1 else f"daemon {i}"): member.pid
+            for i, member in enumerate(members)
+        }
+        pids.update(self.backend.pids())
+        pids["bench+sandbox"] = os.getpid()
+        return CpuMeter(pids).start()
+
+    def server_cpu(self) -> float:
+        """CPU seconds the server's processes have used so far."""
+        return sum(cpu_seconds(pid) for pid in self.backend.pids().values())
+
+    def server_used(self, meter: CpuMeter) -> float:
+        return sum(meter.used.get(name, 0.0) for name in self.backend.pids())
 
 
 def say(text: str) -> None:
@@ -168,8 +200,14 @@ def distribution(values: list[float], unit: str = "ms") -> str:
     )
 
 
-async def daemon_metrics(daemon: Daemon) -> dict[str, float]:
-    """The daemon's Prometheus counters (`/metrics`), by sample name with labels."""
+async def daemon_metrics(daemon: Any) -> dict[str, float]:
+    """The daemon's Prometheus counters (`/metrics`), by sample name with labels (summed over
+    the daemons of a group)."""
+    if isinstance(daemon, DaemonGroup):
+        total: Counter[str] = Counter()
+        for member in daemon.members:
+            total.update(await daemon_metrics(member))
+        return dict(total)
     found: dict[str, float] = {}
     with contextlib.suppress(aiohttp.ClientError, TimeoutError):
         async with (
@@ -201,11 +239,11 @@ def interesting_metrics(found: dict[str, float]) -> str:
 
 
 def couch_summary(requests: Counter[str], per: int, what: str) -> str:
-    """The daemon's CouchDB requests, from pouchdb-server's request log."""
+    """The daemon's CouchDB requests, from the server's request log."""
     total = sum(requests.values())
     shown = ", ".join(f"`{kind}` {count:,}" for kind, count in requests.most_common())
     return (
-        f"- The daemon's CouchDB requests on this db (pouchdb-server's request log, less the "
+        f"- The daemon's CouchDB requests on this db (the server's request log, less the "
         f"benchmark's own): {total:,} ({total / per:.1f} per {what}): {shown}."
     )
 
@@ -313,7 +351,7 @@ async def bench_latency(ctx: Context) -> Result:
             await daemon.stop()
             await drop_medic(couch)
         handling = rapidpro.probe.handling
-    requests = await couch_requests(ctx.pouch, couch)
+    requests = await couch_requests(ctx.backend, couch)
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     result.rows = [
         Row("p50, PUT → POST arrives", ms(p50), "≤ 50 ms", p50 <= 0.050),
@@ -380,8 +418,7 @@ async def bench_throughput(ctx: Context) -> Result:
             await daemon.stop()
         try:
             # The server's own ceiling on the same docs, with the daemon stopped.
-            pouch_pid = ctx.pouch.proc.pid if ctx.pouch.proc else None
-            ceiling_cpu = cpu_seconds(pouch_pid)
+            ceiling_cpu = ctx.server_cpu()
             ceiling_started = time.perf_counter()
             for start in range(0, n, batch):
                 chunk = ids[start : start + batch]
@@ -399,18 +436,18 @@ async def bench_throughput(ctx: Context) -> Result:
                 if any("error" in row for row in answers):
                     raise RuntimeError("the ceiling's _bulk_docs was refused in part")
             ceiling_s = time.perf_counter() - ceiling_started
-            ceiling_cpu = cpu_seconds(pouch_pid) - ceiling_cpu
+            ceiling_cpu = ctx.server_cpu() - ceiling_cpu
             # What one request costs the server, whatever it carries: single-doc GETs.
             gets = ids[: min(200, n)]
-            get_cpu, get_started = cpu_seconds(pouch_pid), time.perf_counter()
+            get_cpu, get_started = ctx.server_cpu(), time.perf_counter()
             for doc_id in gets:
                 await couch.get(doc_id)
             get_s = (time.perf_counter() - get_started) / len(gets)
-            get_cpu = (cpu_seconds(pouch_pid) - get_cpu) / len(gets)
+            get_cpu = (ctx.server_cpu() - get_cpu) / len(gets)
         finally:
             await drop_medic(couch)
         handling = rapidpro.probe.handling
-    requests = await couch_requests(ctx.pouch, couch)
+    requests = await couch_requests(ctx.backend, couch)
     total_s = confirmed - started
     daemon_rate = n / total_s
     ceiling = n / ceiling_s
@@ -433,10 +470,10 @@ async def bench_throughput(ctx: Context) -> Result:
         "Note that the daemon must write each document twice (claim, then write-back) and "
         "reads each revision back from the feed, so ≈ 0.5 is what the design allows at best "
         "when CouchDB is the limit.",
-        f"- pouchdb-server's CPU per unit of work: {ceiling_cpu / n * 1000:.2f} ms per doc in "
+        f"- The server's CPU per unit of work: {ceiling_cpu / n * 1000:.2f} ms per doc in "
         f"the ceiling (read + write, {batch} a request); {get_cpu * 1000:.2f} ms per "
         f"single-doc `GET` ({len(gets)} GETs one after another, {ms(get_s)} each); "
-        f"{meter.used['pouchdb-server'] / n * 1000:.2f} ms per message while the daemon sent.",
+        f"{ctx.server_used(meter) / n * 1000:.2f} ms per message while the daemon sent.",
         *sent_notes(sent, handling),
         f"- {meter.summary()}.",
         f"- Daemon counters: {interesting_metrics(metrics)}.",
@@ -508,7 +545,7 @@ async def bench_polling(ctx: Context) -> Result:
         finally:
             await daemon.stop()
             await drop_medic(couch)
-    requests = await couch_requests(ctx.pouch, couch)
+    requests = await couch_requests(ctx.backend, couch)
     logged = sum(int(r.get("requests") or 0) for r in all_rounds)
     for level, rounds in levels:
         per_round = [int(r["requests"]) for r in rounds]
@@ -618,7 +655,7 @@ async def run_catchup(ctx: Context, name: str, total: int) -> dict[str, Any]:
             await daemon.stop()
             await drop_medic(couch)
         handling = rapidpro.probe.handling
-    requests = await couch_requests(ctx.pouch, couch)
+    requests = await couch_requests(ctx.backend, couch)
     elapsed = last - daemon.spawned_at
     feed_start = log_time(connected[0]) - daemon.spawned_wall if connected else float("nan")
     return {
@@ -790,7 +827,7 @@ async def bench_webhook(ctx: Context) -> Result:
             await daemon.stop()
             await drop_medic(couch)
     handled = daemon.events("webhook_handled")
-    requests = await couch_requests(ctx.pouch, couch)
+    requests = await couch_requests(ctx.backend, couch)
     failed = sum(count for status, count in statuses.items() if status != 200)
     if failed or stored != n:
         shown = "; ".join(
@@ -836,6 +873,13 @@ async def bench_webhook(ctx: Context) -> Result:
 
 
 # --- running and reporting ------------------------------------------------------------------------
+
+
+def backend_benchmarks(backend: Backend) -> tuple[str, ...]:
+    """What runs where: everything on one server; on a cluster, what replicas change (the
+    throughput and latency of three daemons, one per node)."""
+    return ("latency", "throughput") if backend.key == "cluster" else BENCHMARKS
+
 
 RUNNERS: dict[str, Callable[[Context], Awaitable[Result]]] = {
     "latency": bench_latency,
@@ -905,10 +949,14 @@ def report(
         f"- OS: {facts['os']}",
         f"- Python: {facts['python']}",
         f"- Node: {facts['node']}, pouchdb-server {facts['pouchdb_server']}",
+        *[f"- Server: {title}" for key, title in facts.items() if key.startswith("backend:")],
         f"- Code at the start: {facts['code']} (each benchmark names the code it ran)",
-        "- Everything on this one machine: pouchdb-server (node), the daemon (a child process) "
-        "and the benchmark process, which also serves the RapidPro sandbox (no throttle) and "
-        "drives the load. They share the cores, so CPU is reported per process below.",
+        "- Everything on this one machine: the server (pouchdb-server, or CouchDB's Erlang "
+        "nodes), the daemon(s) (child processes) and the benchmark process, which also serves "
+        "the RapidPro sandbox (no throttle) and drives the load. They share the cores, so CPU "
+        "is reported per process below. Benchmarks marked `[couchdb]` ran on a real CouchDB "
+        "single node, `[cluster]` on a real 3-node cluster with a daemon per node; unmarked "
+        "ones on pouchdb-server.",
         "",
         "## Summary",
         "",
@@ -960,43 +1008,57 @@ async def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="cht-rapidpro-bench-"))
     facts = machine_facts()
     say(f"workdir (logs, profiles): {workdir}")
-    pouch = PouchServer(workdir, in_memory=True)
-    pouch.start()
-    say(f"pouchdb-server on {pouch.url} (in memory)")
-    ctx = Context(args, sizes, workdir, pouch, CouchServer(pouch.url))
+    backends: list[Backend] = [PouchBackend(workdir)]
+    if args.couchdb_release is not None:
+        backends += [
+            CouchBackend(args.couchdb_release, cluster=False),
+            CouchBackend(args.couchdb_release, cluster=True),
+        ]
     started = time.perf_counter()
     results: list[Result] = []
-    try:
-        for name in args.only or BENCHMARKS:
-            if not pouch.alive():
-                say("pouchdb-server died; restarting it")
-                pouch.start()
-                ctx.server = CouchServer(pouch.url)
-            say(f"--- {name}")
-            background = ""
-            if args.quiet_wait > 0:
-                waited, busy = await wait_quiet(args.quiet_wait)
-                background = (
-                    f"Before it started, the machine's other processes used {busy:.2f} cores "
-                    f"(after waiting {waited:.0f} s for less than 0.25)."
-                )
-                if busy >= 0.25:
-                    say(f"the machine is busy ({busy:.2f} cores used by others); going on")
-            code = code_version()
-            began = time.perf_counter()
-            try:
-                res = await RUNNERS[name](ctx)
-            except Exception as exc:
-                traceback.print_exc()
-                res = Result(name, name, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
-            res.seconds = time.perf_counter() - began
-            res.background = background
-            res.code = code
-            results.append(res)
-            for line in table([res])[2:]:
-                say(line)
-    finally:
-        pouch.stop()
+    ctx = Context(args, sizes, workdir, backends[0])
+    for backend in backends:
+        names = [n for n in (args.only or BENCHMARKS) if n in backend_benchmarks(backend)]
+        if not names:
+            continue
+        backend.start()
+        say(f"=== {backend.title} on {', '.join(backend.urls())}")
+        ctx = Context(args, sizes, workdir, backend)
+        facts[f"backend:{backend.key}"] = backend.title
+        try:
+            for name in names:
+                if not backend.alive():
+                    say("the server died; restarting it")
+                    backend.stop()
+                    backend.start()
+                say(f"--- {name} ({backend.key})")
+                background = ""
+                if args.quiet_wait > 0:
+                    waited, busy = await wait_quiet(args.quiet_wait)
+                    background = (
+                        f"Before it started, the machine's other processes used {busy:.2f} "
+                        f"cores (after waiting {waited:.0f} s for less than 0.25)."
+                    )
+                    if busy >= 0.25:
+                        say(f"the machine is busy ({busy:.2f} cores used by others); going on")
+                code = code_version()
+                began = time.perf_counter()
+                try:
+                    res = await RUNNERS[name](ctx)
+                except Exception as exc:
+                    traceback.print_exc()
+                    res = Result(name, name, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+                res.seconds = time.perf_counter() - began
+                res.background = background
+                res.code = code
+                if backend.key != "pouchdb":
+                    res.key = f"{res.key} [{backend.key}]"
+                res.title = f"{res.title} — {backend.title}"
+                results.append(res)
+                for line in table([res])[2:]:
+                    say(line)
+        finally:
+            backend.stop()
     elapsed = time.perf_counter() - started
     print()
     print("\n".join(table(results)))
@@ -1048,6 +1110,16 @@ def main() -> int:
         metavar="SECONDS",
         help="before each benchmark, wait up to this long for other processes to go quiet "
         "(a shared machine skews every figure); 0 to skip (default 60)",
+    )
+    parser.add_argument(
+        "--couchdb-release",
+        type=Path,
+        default=os.environ.get("CHT_RAPIDPRO_TEST_COUCHDB_RELEASE") or None,
+        metavar="DIR",
+        help="also run every benchmark on Apache CouchDB 3 from this release directory (a "
+        "single node), and latency and throughput on a 3-node cluster of it with a daemon per "
+        "node (default: $CHT_RAPIDPRO_TEST_COUCHDB_RELEASE; how to build one: "
+        "../shared/spec/couchdb-real.md)",
     )
     parser.add_argument(
         "--daemon-env",

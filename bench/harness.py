@@ -33,18 +33,23 @@ import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from cht_rapidpro.sandbox import DEFAULT_TOKEN, Sandbox, SandboxConfig, build_app  # noqa: E402
+from couchdb_release import CouchCluster, SingleNode, make_session_dir  # noqa: E402
 from pouchdb import PouchServer, free_port  # noqa: E402
 from support import CouchAdmin, CouchServer, iso, message_doc, rapidpro_settings  # noqa: E402
 
 __all__ = [
     "DEFAULT_TOKEN",
     "ROOT",
+    "Backend",
     "BroadcastProbe",
     "CouchAdmin",
+    "CouchBackend",
     "CouchServer",
     "CountingCouch",
     "CpuMeter",
     "Daemon",
+    "DaemonGroup",
+    "PouchBackend",
     "PouchServer",
     "SandboxConfig",
     "Workload",
@@ -426,6 +431,61 @@ class Daemon:
         return self.exit_code
 
 
+class DaemonGroup:
+    """Several daemons on one database, one per cluster node (each talks to its own node),
+    looked at as one for the benchmarks: events merged, alive only if all are."""
+
+    def __init__(self, members: list[Daemon]) -> None:
+        self.members = members
+        self.name = members[0].name
+        self.log_path = members[0].log_path
+        self.profile_path: Path | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.members[0].pid
+
+    @property
+    def port(self) -> int:
+        return self.members[0].port
+
+    @property
+    def spawned_at(self) -> float:
+        return min(d.spawned_at for d in self.members)
+
+    @property
+    def spawned_wall(self) -> float:
+        return min(d.spawned_wall for d in self.members)
+
+    async def start(self, *, wait_healthy: bool = True) -> None:
+        for daemon in self.members:
+            await daemon.start(wait_healthy=wait_healthy)
+
+    def check_alive(self) -> None:
+        for daemon in self.members:
+            daemon.check_alive()
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(d.tail(lines) for d in self.members)
+
+    def memory(self) -> dict[str, int]:
+        return self.members[0].memory()
+
+    def events(self, *names: str) -> list[dict[str, str]]:
+        merged = [event for d in self.members for event in d.events(*names)]
+        return sorted(merged, key=lambda event: event.get("timestamp", ""))
+
+    def problems(self) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for daemon in self.members:
+            counts.update(daemon.problems())
+        return dict(counts)
+
+    async def stop(self) -> int | None:
+        codes = [await daemon.stop() for daemon in self.members]
+        return next((code for code in codes if code), codes[0] if codes else None)
+
+
 async def wait_for(
     future: Awaitable[float],
     daemon: Daemon,
@@ -453,6 +513,122 @@ async def wait_for(
     finally:
         if not task.done():
             task.cancel()
+
+
+# --- the servers the benchmarks run on -----------------------------------------------------------
+
+
+class Backend:
+    """A CouchDB-compatible server for the benchmarks: pouchdb-server, or real CouchDB 3 (one
+    node, or three nodes joined as a cluster)."""
+
+    key = ""
+    title = ""
+
+    @property
+    def server(self) -> CouchServer:
+        """The first node (what single-writer benchmarks talk to)."""
+        return CouchServer(self.urls()[0])
+
+    def urls(self) -> list[str]:
+        raise NotImplementedError
+
+    def pids(self) -> dict[str, int | None]:
+        raise NotImplementedError
+
+    def logs(self) -> list[Path]:
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class PouchBackend(Backend):
+    key = "pouchdb"
+
+    def __init__(self, workdir: Path) -> None:
+        self.pouch = PouchServer(workdir, in_memory=True)
+        self.title = "pouchdb-server 4.2.0 (in memory)"
+
+    def urls(self) -> list[str]:
+        return [self.pouch.url]
+
+    def pids(self) -> dict[str, int | None]:
+        return {"pouchdb-server": self.pouch.proc.pid if self.pouch.proc else None}
+
+    def logs(self) -> list[Path]:
+        return [self.pouch.workdir / "pouchdb.log"]
+
+    def alive(self) -> bool:
+        return self.pouch.alive()
+
+    def start(self) -> None:
+        self.pouch.start()
+
+    def stop(self) -> None:
+        self.pouch.stop()
+
+
+class CouchBackend(Backend):
+    """Apache CouchDB 3 from a release directory (../shared/spec/couchdb-real.md), logging every
+    request (`[log] level = notice`) so that the daemon's requests can be counted."""
+
+    def __init__(self, release: Path, *, cluster: bool) -> None:
+        self.workdir = make_session_dir()
+        self.cluster: CouchCluster | None = None
+        self.single: SingleNode | None = None
+        if cluster:
+            self.cluster = CouchCluster(release, self.workdir / "cluster", log_level="notice")
+            self.key = "cluster"
+            self.title = "Apache CouchDB {version}, 3-node cluster (n=3, q=2), a daemon per node"
+        else:
+            self.single = SingleNode(release, self.workdir / "single", log_level="notice")
+            self.key = "couchdb"
+            self.title = "Apache CouchDB {version}, single node"
+
+    def _nodes(self) -> list[Any]:
+        return self.cluster.nodes if self.cluster else [self.single.node]  # type: ignore[union-attr]
+
+    def urls(self) -> list[str]:
+        return [node.url for node in self._nodes()]
+
+    def pids(self) -> dict[str, int | None]:
+        nodes = self._nodes()
+        return {
+            (f"couchdb node {i}" if len(nodes) > 1 else "couchdb"): (
+                node.proc.pid if node.proc else None
+            )
+            for i, node in enumerate(nodes)
+        }
+
+    def logs(self) -> list[Path]:
+        return [node.log_path for node in self._nodes()]
+
+    def alive(self) -> bool:
+        return all(node.alive() for node in self._nodes())
+
+    def start(self) -> None:
+        if self.cluster:
+            self.cluster.start()
+        else:
+            self.single.start()  # type: ignore[union-attr]
+        _, welcome = self._nodes()[0].request("GET", "/")
+        self.title = self.title.format(version=welcome.get("version", "3"))
+
+    def stop(self) -> None:
+        if self.cluster:
+            self.cluster.stop()
+        elif self.single:
+            self.single.stop()
+        import shutil
+
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 # --- databases and documents --------------------------------------------------------------------
@@ -493,21 +669,25 @@ class CountingCouch(CouchAdmin):
         return await super().get(doc_id, db)
 
 
-_REQUEST_LINE = re.compile(r"\] (?:\S+ - - )?([A-Z]+) (/\S*) (\d{3})")
+_POUCH_REQUEST = re.compile(r"\] (?:\S+ - - )?([A-Z]+) (/\S*) (\d{3})")
+#: CouchDB's `[notice]` request lines: `… <peer> admin GET /db/_changes?… 200 ok 4`.
+_COUCH_REQUEST = re.compile(r" \S+ (GET|PUT|POST|DELETE|HEAD|COPY) (/\S*) (\d{3}) ")
 
 
-async def couch_requests(pouch: PouchServer, couch: CountingCouch) -> Counter[str]:
-    """Requests to `couch.db` (and its vault) in pouchdb-server's request log, less the
+async def couch_requests(backend: Backend, couch: CountingCouch) -> Counter[str]:
+    """Requests to `couch.db` (and its vault) in the server's request log, less the
     benchmark's own: what the daemon asked of CouchDB. Call after the db was deleted."""
     marker = (f" /{couch.db} ", f" /{couch.db}/", f" /{couch.db}?", f" /{couch.db}-vault")
-    for _ in range(20):  # the server writes its log asynchronously
+    pattern = _POUCH_REQUEST if isinstance(backend, PouchBackend) else _COUCH_REQUEST
+    for _ in range(20):  # servers write their logs asynchronously
         seen: Counter[str] = Counter()
-        with contextlib.suppress(OSError):
-            for line in (pouch.workdir / "pouchdb.log").read_text(errors="replace").splitlines():
-                if any(m in line for m in marker):
-                    match = _REQUEST_LINE.search(line)
-                    if match:
-                        seen[request_kind(match.group(1), match.group(2), couch.db)] += 1
+        for log in backend.logs():
+            with contextlib.suppress(OSError):
+                for line in log.read_text(errors="replace").splitlines():
+                    if any(m in line for m in marker):
+                        match = pattern.search(line)
+                        if match:
+                            seen[request_kind(match.group(1), match.group(2), couch.db)] += 1
         if seen["DELETE db"] >= couch.counts["DELETE db"]:
             break
         await asyncio.sleep(0.1)

@@ -242,7 +242,9 @@ class CouchNode:
         cluster: bool,
         user: str = ADMIN_USER,
         password: str = ADMIN_PASSWORD,
+        log_level: str = "warning",
     ) -> None:
+        self.log_level = log_level  # "notice" logs every request (the benchmarks count them)
         self.release = release
         self.workdir = workdir
         self.name = f"{short_name}@{_HOST}"
@@ -298,7 +300,7 @@ class CouchNode:
             "chttpd": {"port": str(self.port), "bind_address": _HOST},
             "admins": {self.user: self.password},
             "couch_httpd_auth": {"secret": COUCH_SECRET},
-            "log": {"level": "warning"},
+            "log": {"level": self.log_level},
         }
         if self.cluster:
             sections["cluster"] = {"n": "3", "q": "2"}
@@ -420,7 +422,7 @@ def ensure_system_dbs(node: CouchNode, within: float = 30.0) -> None:
 class SingleNode:
     """A single CouchDB node (`single_node = true`), the suite's server."""
 
-    def __init__(self, release: Path, workdir: Path) -> None:
+    def __init__(self, release: Path, workdir: Path, *, log_level: str = "warning") -> None:
         suffix = secrets.token_hex(4)
         self.node = CouchNode(
             release,
@@ -429,6 +431,7 @@ class SingleNode:
             cookie=secrets.token_hex(16),
             uuid=secrets.token_hex(16),
             cluster=False,
+            log_level=log_level,
         )
         self.user = self.node.user
         self.password = self.node.password
@@ -464,7 +467,7 @@ class CouchCluster:
 
     SIZE = 3
 
-    def __init__(self, release: Path, workdir: Path) -> None:
+    def __init__(self, release: Path, workdir: Path, *, log_level: str = "warning") -> None:
         suffix = secrets.token_hex(4)
         cookie, uuid = secrets.token_hex(16), secrets.token_hex(16)
         self.nodes = [
@@ -475,6 +478,7 @@ class CouchCluster:
                 cookie=cookie,
                 uuid=uuid,
                 cluster=True,
+                log_level=log_level,
             )
             for i in range(self.SIZE)
         ]
