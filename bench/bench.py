@@ -1008,14 +1008,18 @@ async def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="cht-rapidpro-bench-"))
     facts = machine_facts()
     say(f"workdir (logs, profiles): {workdir}")
-    backends: list[Backend] = [PouchBackend(workdir)]
+    backends: list[Backend] = []
+    if "pouchdb" in args.servers:
+        backends.append(PouchBackend(workdir))
     if args.couchdb_release is not None:
-        backends += [
-            CouchBackend(args.couchdb_release, cluster=False),
-            CouchBackend(args.couchdb_release, cluster=True),
-        ]
+        if "couchdb" in args.servers:
+            backends.append(CouchBackend(args.couchdb_release, cluster=False))
+        if "cluster" in args.servers:
+            backends.append(CouchBackend(args.couchdb_release, cluster=True))
     started = time.perf_counter()
     results: list[Result] = []
+    if not backends:
+        raise SystemExit("no server to run on: see --servers and --couchdb-release")
     ctx = Context(args, sizes, workdir, backends[0])
     for backend in backends:
         names = [n for n in (args.only or BENCHMARKS) if n in backend_benchmarks(backend)]
@@ -1029,7 +1033,7 @@ async def run(args: argparse.Namespace) -> int:
             for name in names:
                 if not backend.alive():
                     say("the server died; restarting it")
-                    backend.stop()
+                    backend.stop(keep_logs_in=workdir)
                     backend.start()
                 say(f"--- {name} ({backend.key})")
                 background = ""
@@ -1058,7 +1062,7 @@ async def run(args: argparse.Namespace) -> int:
                 for line in table([res])[2:]:
                     say(line)
         finally:
-            backend.stop()
+            backend.stop(keep_logs_in=workdir)
     elapsed = time.perf_counter() - started
     print()
     print("\n".join(table(results)))
@@ -1120,6 +1124,12 @@ def main() -> int:
         "single node), and latency and throughput on a 3-node cluster of it with a daemon per "
         "node (default: $CHT_RAPIDPRO_TEST_COUCHDB_RELEASE; how to build one: "
         "../shared/spec/couchdb-real.md)",
+    )
+    parser.add_argument(
+        "--servers",
+        default="pouchdb,couchdb,cluster",
+        help="which servers to run on, of pouchdb, couchdb (single node), cluster "
+        "(default: all that are available)",
     )
     parser.add_argument(
         "--daemon-env",

@@ -545,7 +545,7 @@ class Backend:
     def start(self) -> None:
         raise NotImplementedError
 
-    def stop(self) -> None:
+    def stop(self, keep_logs_in: Path | None = None) -> None:
         raise NotImplementedError
 
 
@@ -571,7 +571,7 @@ class PouchBackend(Backend):
     def start(self) -> None:
         self.pouch.start()
 
-    def stop(self) -> None:
+    def stop(self, keep_logs_in: Path | None = None) -> None:
         self.pouch.stop()
 
 
@@ -621,13 +621,17 @@ class CouchBackend(Backend):
         _, welcome = self._nodes()[0].request("GET", "/")
         self.title = self.title.format(version=welcome.get("version", "3"))
 
-    def stop(self) -> None:
+    def stop(self, keep_logs_in: Path | None = None) -> None:
         if self.cluster:
             self.cluster.stop()
         elif self.single:
             self.single.stop()
         import shutil
 
+        if keep_logs_in is not None:
+            for i, log in enumerate(self.logs()):
+                with contextlib.suppress(OSError):
+                    shutil.copy(log, keep_logs_in / f"{self.key}-node{i}.log")
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

@@ -89,10 +89,12 @@ class ConflictResolver:
         metrics: Metrics,
         *,
         on_written: Callable[[str, str | None], None] | None = None,
+        on_doc: Callable[[JsonDict], None] | None = None,
     ) -> None:
         self._couch = couch
         self._metrics = metrics
         self._on_written = on_written  # (doc id, rev) of each of our writes
+        self._on_doc = on_doc  # each merged document we wrote
         self._running: dict[str, asyncio.Future[Resolution]] = {}
         self._log = get_logger(component="conflicts")
 
@@ -133,6 +135,8 @@ class ConflictResolver:
                 if not result.ok:
                     raise GatewayError(f"resolve {doc_id}: {result.error}")
                 self._written(doc_id, result.rev)
+                if self._on_doc is not None:
+                    self._on_doc(merged)
                 current = merged
                 if not result.committed:
                     # The merged revision may sit on one copy only: deleting the other

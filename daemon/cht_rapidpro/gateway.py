@@ -189,6 +189,7 @@ class Gateway:
             metrics=metrics,
             presence=self.presence,
             is_taken=self.index.has_ref,
+            on_doc=lambda doc: self.index.update_doc(doc, self.cht.app_settings),
         )
         self.poller = StatusPoller(
             couch=couch,
@@ -199,6 +200,7 @@ class Gateway:
             index=self.index,
             metrics=metrics,
             on_accepted=self.sender.resolve_soon,
+            on_written=self.sender.remember_write,
         )
         self.dispatcher = Dispatcher(self.cht, self.sender, self.index, self.presence)
         self.sweeper = Sweeper(couch, self.dispatcher)

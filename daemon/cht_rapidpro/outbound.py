@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import heapq
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -45,7 +47,7 @@ from .cht.outgoing import (
     task_at,
 )
 from .cht.phone import Refused, mask, rapidpro_urn
-from .cht.state import SENDABLE_STATES, State, set_task_state
+from .cht.state import SENDABLE_STATES, State, parse_iso, set_task_state
 from .chtconfig import ChtConfig
 from .claims import ClaimedTask, Claims, Hold, Identity
 from .config import Settings
@@ -78,7 +80,7 @@ CONFIG_PAUSE_S = 60.0
 #: Replicas share the work without a coordinator: each document has a preferred replica
 #: (rendezvous hashing over the live replicas, see `replicas.py`); the others leave it to
 #: that one for HANDOFF_S before claiming it themselves. A lone daemon never waits.
-HANDOFF_S = 0.5
+HANDOFF_S = 1.0
 #: How long a replica leaves a conflicted document to its preferred replica.
 RESOLVE_HANDOFF_S = 2.0
 #: When to look again at a document whose write kept conflicting.
@@ -143,6 +145,91 @@ class DocJob:
 class _Entry:
     doc: JsonDict
     releases: list[Release]
+    due: float = 0.0  # when its oldest sendable message fell due (epoch seconds)
+    ready_at: float = 0.0  # monotonic: not before (another replica's turn first)
+    version: int = 0
+    mine: bool = True  # this replica is the one preferred to send it
+
+
+class _Backlog:
+    """Documents waiting for a send job, the oldest-due first.
+
+    Documents another live replica is preferred for (`replicas.py`) wait HANDOFF_S, and
+    after that only come when this replica has nothing of its own to do, the newest first:
+    under a backlog each replica works through its own share oldest first, and one that is
+    done helps another from the other end of that replica's share, where the two meet last
+    (work stealing), rather than racing it for the same documents.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[str, _Entry] = {}
+        self._heaps: tuple[list[tuple[float, int, str, int]], ...] = ([], [])  # mine, theirs
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self.entries
+
+    def put(self, doc_id: str, entry: _Entry, *, mine: bool) -> None:
+        entry.version += 1
+        entry.mine = mine
+        entry.ready_at = 0.0 if mine else time.monotonic() + HANDOFF_S
+        self.entries[doc_id] = entry
+        key = entry.due if mine else -entry.due
+        heapq.heappush(
+            self._heaps[0 if mine else 1], (key, next(self._order), doc_id, entry.version)
+        )
+
+    def pop(self, doc_id: str) -> _Entry | None:
+        return self.entries.pop(doc_id, None)  # its heap item is skipped when reached
+
+    def next_ready(self, *, help_others: bool = True) -> tuple[str, _Entry] | float | None:
+        """The next document to start, or seconds until one is ready, or None if empty.
+        Another replica's documents only with `help_others` (this one has nothing waiting)."""
+        wait: float | None = None
+        now = time.monotonic()
+        for heap in self._heaps if help_others else self._heaps[:1]:
+            while heap:
+                _, _, doc_id, version = heap[0]
+                entry = self.entries.get(doc_id)
+                if entry is None or entry.version != version:
+                    heapq.heappop(heap)  # stale: popped or put again since
+                    continue
+                if entry.ready_at <= now:
+                    heapq.heappop(heap)
+                    del self.entries[doc_id]
+                    return doc_id, entry
+                wait = entry.ready_at - now if wait is None else min(wait, entry.ready_at - now)
+                break
+        return wait
+
+    def clear(self) -> list[_Entry]:
+        entries = list(self.entries.values())
+        self.entries.clear()
+        for heap in self._heaps:
+            heap.clear()
+        return entries
+
+
+def _due(doc: JsonDict, sendable: list[SendableTask]) -> float:
+    """When the document's oldest sendable message fell due, as CHT's `messages_by_state`
+    orders them (`due`, else `timestamp`, else `reported_date`; epoch seconds)."""
+    reported = doc.get("reported_date")
+    fallback = reported / 1000 if isinstance(reported, int | float) else 0.0
+    found = []
+    for task in sendable:
+        item = task_at(doc, task.ref) or {}
+        value = item.get("due") or item.get("timestamp")
+        stamp = parse_iso(value) if isinstance(value, str) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            found.append(value / 1000)
+        elif stamp is not None:
+            found.append(stamp.timestamp())
+        else:
+            found.append(fallback)
+    return min(found, default=fallback)
 
 
 class _Stopping(Exception):
@@ -174,7 +261,11 @@ class OutgoingSender:
         is_taken: Callable[[Any], bool] = lambda _ref: False,
         max_active: int = 256,
         resolver: ConflictResolver | None = None,
+        on_doc: Callable[[JsonDict], None] = lambda _doc: None,
     ) -> None:
+        # Our own writes are not read back from the feed (`is_own_revision`): whoever
+        # tracks documents (the in-flight index) learns of them here.
+        self._on_doc = on_doc
         self._couch = couch
         self._writer = writer
         self._rapidpro = rapidpro
@@ -190,7 +281,7 @@ class OutgoingSender:
         self._reconciler = Reconciler(
             rapidpro, skew=timedelta(seconds=settings.clock_skew_s), is_taken=is_taken
         )
-        self._queue: dict[str, _Entry] = {}
+        self._queue = _Backlog()
         self._active: dict[str, asyncio.Task[None]] = {}
         self._deferred: dict[str, _Entry] = {}
         self._rechecks: dict[str, asyncio.TimerHandle] = {}
@@ -215,8 +306,9 @@ class OutgoingSender:
         # A job holds a slot from its claim until its last POST: claims never run more
         # than CLAIMS_PER_SLOT x SEND_CONCURRENCY documents ahead of sending.
         self._claim_slots = asyncio.Semaphore(settings.send_concurrency * CLAIMS_PER_SLOT)
+        self._claim_waiters = 0  # jobs waiting for a claim slot
         self.resolver = resolver or ConflictResolver(
-            couch, metrics, on_written=self._remember_write
+            couch, metrics, on_written=self._remember_write, on_doc=on_doc
         )
         self.claims = Claims(
             couch=couch,
@@ -251,14 +343,25 @@ class OutgoingSender:
 
         if self._outdated(doc_id, doc.get("_rev")) and not ConflictResolver.conflicted(doc):
             return False  # a revision before our own last write: nothing new in it
+        # A newer revision is here: a look scheduled for later (a peer's claim expiring)
+        # is planned again from it, or is not needed any more.
+        recheck = self._rechecks.pop(doc_id, None)
+        if recheck is not None:
+            recheck.cancel()
         try:
             sendable = sendable_tasks(doc, malformed)
             self._note_peers(sendable)
-            if not sendable:
-                return False
         except MalformedTaskError as exc:
             self._metrics.bad_documents.inc()
             self._log.warning("document_skipped", doc_id=doc_id, problem=str(exc))
+            sendable = []
+        if not sendable:
+            # Nothing to send any more (another replica sent it): not worth a job.
+            gone = self._queue.pop(doc_id)
+            if gone is not None:
+                _release_all(gone.releases)
+                self._metrics.send_queue.set(len(self._queue))
+                self._update_idle()
             return False
         releases = [release] if release else []
         if self._stopping:
@@ -267,12 +370,15 @@ class OutgoingSender:
             entry = self._deferred.setdefault(doc_id, _Entry(doc, []))
             entry.doc = doc
             entry.releases += releases
-        elif doc_id in self._queue:
-            entry = self._queue[doc_id]
-            entry.doc = doc
-            entry.releases += releases
+        elif (queued := self._queue.entries.get(doc_id)) is not None:
+            queued.doc = doc
+            queued.releases += releases
         else:
-            self._queue[doc_id] = _Entry(doc, releases)
+            self._queue.put(
+                doc_id,
+                _Entry(doc, releases, due=_due(doc, sendable)),
+                mine=self._preferred(doc_id),
+            )
             self._idle.clear()
             self._wake.set()
         self._metrics.send_queue.set(len(self._queue))
@@ -290,6 +396,10 @@ class OutgoingSender:
         delay = 0.0 if self._preferred(doc_id) else RESOLVE_HANDOFF_S
         self._log.debug("conflict_seen", doc_id=doc_id, delay_s=delay)
         self._spawn(self._resolve_later(doc_id, delay), f"resolve:{doc_id}")
+
+    def remember_write(self, doc_id: str, rev: str | None) -> None:
+        """Another writer of this process (the poller) wrote `rev`: skip it on the feed too."""
+        self._remember_write(doc_id, rev)
 
     def _remember_write(self, doc_id: str, rev: str | None) -> None:
         if rev is None:
@@ -331,9 +441,15 @@ class OutgoingSender:
                 self._drop_queue()
                 await self._cht.wait_changed(within=5.0)
                 continue
-            if not self._queue or len(self._active) >= self._max_active:
+            if len(self._active) >= self._max_active:
                 self._wake.clear()
                 await sleep_or_wake(self._wake, 1.0)
+                continue
+            # Help other replicas only once every job of ours has its claim slot.
+            ready = self._queue.next_ready(help_others=self._claim_waiters == 0)
+            if not isinstance(ready, tuple):
+                self._wake.clear()
+                await sleep_or_wake(self._wake, 1.0 if ready is None else min(ready, 1.0))
                 continue
             # Don't claim far beyond what the budget lets us send soon: a claim that waits
             # too long goes stale and must be renewed.
@@ -344,8 +460,7 @@ class OutgoingSender:
                     self._wake, max(0.05, self._rapidpro.budget.wait_time("broadcasts"))
                 )
                 continue
-            doc_id, entry = next(iter(self._queue.items()))
-            del self._queue[doc_id]
+            doc_id, entry = ready
             self._metrics.send_queue.set(len(self._queue))
             task = asyncio.create_task(self._job(entry), name=f"send:{doc_id}")
             self._active[doc_id] = task
@@ -355,9 +470,8 @@ class OutgoingSender:
         """Sending is off: let queued documents go (a sweep finds them when it comes back on)."""
         if not self._queue:
             return
-        for entry in self._queue.values():
+        for entry in self._queue.clear():
             _release_all(entry.releases)
-        self._queue.clear()
         self._metrics.send_queue.set(0)
         self._update_idle()
 
@@ -371,7 +485,7 @@ class OutgoingSender:
             if not self.offer(deferred.doc, None):
                 _release_all(deferred.releases)
             elif deferred.releases:
-                self._queue[doc_id].releases += deferred.releases
+                self._queue.entries[doc_id].releases += deferred.releases
         elif deferred is not None:
             _release_all(deferred.releases)
         if doc_id in self._resolve_after and doc_id not in self._queue:
@@ -418,18 +532,27 @@ class OutgoingSender:
         releases = entry.releases
         try:
             doc: JsonDict | None = entry.doc
-            if not self._preferred(doc_id):
-                await self._sleep(HANDOFF_S)  # its preferred replica may take it meanwhile
-                doc = await self._reread(doc_id)
-            if doc is None:
-                return
-            async with self._claim_slots:
+            assert doc is not None
+            self._claim_waiters += 1
+            try:
+                await self._claim_slots.acquire()
+            finally:
+                self._claim_waiters -= 1
+            try:
                 if self._stopping:
                     raise _Stopping
+                if not entry.mine:
+                    # Another replica's document: it has most likely claimed it by now, and our
+                    # feed may not show it yet. A read is cheaper than a conflicting claim.
+                    doc = await self._reread(doc_id)
+                if doc is None:
+                    return
                 job = await self._claim(doc, releases)
                 if job is None:
                     return
                 await self._send_all(job)
+            finally:
+                self._claim_slots.release()
             await self._write_back(job)
         except (_Stopping, asyncio.CancelledError):
             # Not handled: keep the checkpoint before this document (if not already parked).
@@ -744,6 +867,7 @@ class OutgoingSender:
             if result.ok and result.rev is not None:
                 current["_rev"] = result.rev
                 self._remember_write(doc_id, result.rev)
+                self._on_doc(current)
                 if not result.committed and not await self._verify(doc_id, result.rev):
                     self._log.warning(f"{what}_unconfirmed", doc_id=doc_id, rev=result.rev)
                     latest = await self._reread(doc_id)

@@ -21,8 +21,9 @@ from .retry import sleep_or_wake
 
 PREFIX = "cht-rapidpro-replica:"
 DOC_TYPE = "cht-rapidpro-replica"
-#: A replica not heard of for this long is gone (it re-announces every third of it).
-PEER_TTL_S = 600.0
+#: A replica not heard of for this long is gone (it re-announces every third of it); until
+#: then its share of new documents waits HANDOFF_S on the others.
+PEER_TTL_S = 120.0
 
 
 class Presence:

@@ -147,7 +147,9 @@ class StatusPoller:
         index: InFlightIndex,
         metrics: Metrics,
         on_accepted: Callable[[str], None] = lambda _doc_id: None,
+        on_written: Callable[[str, str | None], None] = lambda _doc_id, _rev: None,
     ) -> None:
+        self._on_written = on_written  # our own revisions: the feed need not read them back
         self._on_accepted = on_accepted  # a write without quorum: merge what it may leave
         self._couch = couch
         self._writer = writer
@@ -298,6 +300,7 @@ class StatusPoller:
             for (doc, applied), result in zip(writes, results, strict=True):
                 if result.ok:
                     doc["_rev"] = result.rev
+                    self._on_written(str(doc["_id"]), result.rev)
                     if result.accepted:
                         self._on_accepted(str(doc["_id"]))
                     report.updated += len(applied)

@@ -347,6 +347,13 @@ class CouchClient:
             )
         return found
 
+    async def filters_by_selector(self) -> bool:
+        """Whether the server is Apache CouchDB (2+), whose `_changes` takes a `_selector`
+        filter (pouchdb-server crashes on one)."""
+        info = await self.server_info()
+        version = str(info.get("version", ""))
+        return info.get("couchdb") == "Welcome" and version[:1].isdigit() and version[0] >= "2"
+
     async def replica_count(self) -> int:
         """How many copies of each shard the database keeps (`cluster.n`; 1 if not a cluster)."""
         info = await self.db_info()
@@ -441,6 +448,8 @@ class CouchClient:
         heartbeat_s: float,
         longpoll: bool = True,
         include_docs: bool = True,
+        all_leaves: bool = False,
+        selector: JsonDict | None = None,
     ) -> ChangesPage:
         """One `_changes` request: returns at once if changes are waiting, else long-polls.
 
@@ -449,10 +458,18 @@ class CouchClient:
         ignores the long poll's `timeout` while it sends heartbeats, so on a quiet database
         the request would last until the next change: it is ended here after `timeout`
         and answered as a page without changes (the position does not move).
+
+        `all_leaves` lists every leaf revision of a row (`style=all_docs`: more than one means
+        conflicting branches); `selector` lets CouchDB 3 drop the rows whose document does not
+        match (`filter=_selector`, which crashes pouchdb-server: never send it there).
         """
         # `conflicts=true`: a document with conflicting branches shows `_conflicts` (this
         # node's view of them), so that the daemon resolves the ones it caused.
-        params = {"limit": str(limit), "style": "main_only", "conflicts": "true"}
+        params = {
+            "limit": str(limit),
+            "style": "all_docs" if all_leaves else "main_only",
+            "conflicts": "true",
+        }
         if since is not None:
             params["since"] = since if isinstance(since, str) else json.dumps(since)
         if include_docs:
@@ -462,14 +479,17 @@ class CouchClient:
             params.update(
                 feed="longpoll", heartbeat=str(heartbeat_ms), timeout=str(heartbeat_ms * 6)
             )
+        if selector is not None:
+            params["filter"] = "_selector"
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._timeout.sock_connect, sock_read=2 * heartbeat_s + 5
         )
         request = self._request_json(
-            "GET",
+            "POST" if selector is not None else "GET",
             self._url(self.target.db, "_changes"),
             "changes feed",
             params=params,
+            body={"selector": selector} if selector is not None else None,
             client_timeout=timeout,
         )
         if not longpoll:
