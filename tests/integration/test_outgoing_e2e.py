@@ -147,9 +147,12 @@ async def test_rejected_by_rapidpro_is_failed_with_its_reason(
 
 
 async def test_lone_surrogate_in_text_fails_with_rapidpros_reason(
-    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any, is_pouchdb: bool
 ) -> None:
-    # Half of an emoji: JSON (and CouchDB) carry it, UTF-8 cannot, DRF refuses it with a 400.
+    # Half of an emoji: JSON (and pouchdb-server) carry it, UTF-8 cannot, DRF refuses it with
+    # a 400. Apache CouchDB 3 refuses to store such a document at all (400 invalid UTF-8 JSON).
+    if not is_pouchdb:
+        pytest.skip("CouchDB 3 stores no lone surrogate: such a message cannot exist there")
     doc = await cht.put(message_doc([task("+254700000008", "habari \ud83d")]))
     await daemon_factory()
     done = await wait_states(cht, doc["_id"], ["failed"])
