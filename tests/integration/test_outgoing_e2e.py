@@ -10,6 +10,8 @@ import asyncio
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from cht_rapidpro.sandbox import DEFAULT_TOKEN
 from support import (
     MESSAGES_BY_STATE,
