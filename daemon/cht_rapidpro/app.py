@@ -57,7 +57,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         budget = Budget(
-            {BROADCASTS: settings.broadcasts_per_hour, MESSAGES: settings.messages_per_hour}
+            {BROADCASTS: settings.broadcasts_per_hour, MESSAGES: settings.messages_per_hour},
+            window_s=settings.throttle_window_s,
         )
         for scope in (BROADCASTS, MESSAGES):
             app[METRICS].budget_remaining.labels(scope).set_function(

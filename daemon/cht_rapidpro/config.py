@@ -242,6 +242,13 @@ OPTIONS: tuple[Option, ...] = (
         "RapidPro allows 2500/h (TextIt 3600/h) per workspace.",
     ),
     Option(
+        "throttle_window_s",
+        PREFIX + "THROTTLE_WINDOW",
+        _positive_float,
+        "Seconds over which RapidPro counts the requests of a budget (one hour on RapidPro; "
+        "change it only to match a sandbox whose throttle runs faster).",
+    ),
+    Option(
         "sent_grace_s",
         PREFIX + "SENT_GRACE",
         _positive_float,
@@ -324,6 +331,7 @@ class Settings:
     claim_ttl_s: float = 120.0
     broadcasts_per_hour: int = 3000
     messages_per_hour: int = 2000
+    throttle_window_s: float = 3600.0
     sent_grace_s: float = 86400.0
     max_tracking_s: float = 7 * 86400.0
     clock_skew_s: float = 120.0

@@ -30,6 +30,7 @@ from typing import Any
 from .cht.merge import merge_leaves
 from .couch.client import CouchClient, JsonDict, Leaf, revision_key
 from .errors import GatewayError
+from .ledger import PREFIX as BUDGET_PREFIX
 from .logs import get_logger
 from .metrics import Metrics
 from .replicas import PREFIX as REPLICA_PREFIX
@@ -67,8 +68,8 @@ def plan_resolution(leaves: Sequence[Leaf]) -> tuple[JsonDict | None, list[str],
         return None, [], []
     base, others = alive[0], alive[1:]
     doc_id = str(base.doc.get("_id", ""))
-    if doc_id.startswith(REPLICA_PREFIX):
-        return None, [leaf.rev for leaf in others], []  # the newest announcement stands
+    if doc_id.startswith((REPLICA_PREFIX, BUDGET_PREFIX)):
+        return None, [leaf.rev for leaf in others], []  # one writer: the newest stands
     if doc_id.startswith(INCOMING_PREFIX):
         # Two stores of one SMS: the first version of each is ours and says the same;
         # a version CHT has since edited is CHT's to settle.

@@ -27,6 +27,8 @@ from .conflicts import INCOMING_PREFIX, ConflictResolver
 from .couch.changes import ChangesFollower, FatalError, Page
 from .couch.client import BulkWriter, CouchClient, JsonDict
 from .errors import AuthError, GatewayError
+from .ledger import PREFIX as BUDGET_PREFIX
+from .ledger import Ledger
 from .logs import get_logger
 from .metrics import Metrics
 from .outbound import OutgoingSender
@@ -41,8 +43,14 @@ class Dispatcher:
     """Routes each document (from the feed or a sweep) to whoever must act on it."""
 
     def __init__(
-        self, cht: ChtConfig, sender: OutgoingSender, index: InFlightIndex, presence: Presence
+        self,
+        cht: ChtConfig,
+        sender: OutgoingSender,
+        index: InFlightIndex,
+        presence: Presence,
+        ledger: Ledger,
     ) -> None:
+        self._ledger = ledger
         self._presence = presence
         self._cht = cht
         self._sender = sender
@@ -73,6 +81,9 @@ class Dispatcher:
         if doc_id.startswith(REPLICA_PREFIX):
             self._presence.handle_doc(doc)
             return
+        if doc_id.startswith(BUDGET_PREFIX):
+            self._ledger.handle_doc(doc)
+            return
         if doc_id.startswith(TRANSLATIONS_PREFIX):
             self._cht.apply_translations_doc(doc)
             return
@@ -91,7 +102,7 @@ def _ours(doc: JsonDict) -> bool:
     return (
         "tasks" in doc
         or "scheduled_tasks" in doc
-        or doc_id.startswith((REPLICA_PREFIX, INCOMING_PREFIX))
+        or doc_id.startswith((REPLICA_PREFIX, INCOMING_PREFIX, BUDGET_PREFIX))
     )
 
 
@@ -179,6 +190,9 @@ class Gateway:
         self.index = InFlightIndex()
         self.identity = identity or Identity.new(settings.instance)
         self.presence = Presence(couch, settings.instance)
+        # The workspace's RapidPro budget is shared with the other replicas and earlier runs.
+        self.ledger = Ledger(couch, rapidpro.budget, self.presence, settings.instance)
+        rapidpro.budget.share = self.ledger
         self.sender = OutgoingSender(
             couch=couch,
             writer=self.writer,
@@ -202,7 +216,7 @@ class Gateway:
             on_accepted=self.sender.resolve_soon,
             on_written=self.sender.remember_write,
         )
-        self.dispatcher = Dispatcher(self.cht, self.sender, self.index, self.presence)
+        self.dispatcher = Dispatcher(self.cht, self.sender, self.index, self.presence, self.ledger)
         self.sweeper = Sweeper(couch, self.dispatcher)
         self.follower = ChangesFollower(
             couch,
@@ -285,6 +299,7 @@ class Gateway:
             self._spawn("credentials", self.cht.run(self.stop_event))
             self._spawn("sweeps", self._sweeps())
             self._spawn("presence", self.presence.run(self.stop_event))
+            self._spawn("budget", self.ledger.run(self.stop_event))
             self._log.info(
                 "gateway_running",
                 instance=self.settings.instance,
@@ -296,6 +311,7 @@ class Gateway:
     async def _join(self) -> None:
         await self.presence.load()
         await self.presence.announce()
+        await self.ledger.load()
 
     async def _sweeps(self) -> None:
         """Sweep at start (when resuming) and whenever sending is switched back on."""
@@ -336,6 +352,7 @@ class Gateway:
         if self.started.is_set():
             try:  # peers stop leaving this replica's documents to it
                 await asyncio.wait_for(self.presence.announce(stopped=True), 2.0)
+                await asyncio.wait_for(self.ledger.publish(), 2.0)  # the next run needs it
             except (GatewayError, TimeoutError) as exc:
                 self._log.warning("replica_leave_not_written", error=str(exc))
         self._log.info("gateway_stopped", checkpoint=self.follower.saved is not None)

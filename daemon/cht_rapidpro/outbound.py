@@ -441,15 +441,9 @@ class OutgoingSender:
                 self._drop_queue()
                 await self._cht.wait_changed(within=5.0)
                 continue
-            if len(self._active) >= self._max_active:
+            if len(self._active) >= self._max_active or not self._queue:
                 self._wake.clear()
                 await sleep_or_wake(self._wake, 1.0)
-                continue
-            # Help other replicas only once every job of ours has its claim slot.
-            ready = self._queue.next_ready(help_others=self._claim_waiters == 0)
-            if not isinstance(ready, tuple):
-                self._wake.clear()
-                await sleep_or_wake(self._wake, 1.0 if ready is None else min(ready, 1.0))
                 continue
             # Don't claim far beyond what the budget lets us send soon: a claim that waits
             # too long goes stale and must be renewed.
@@ -459,6 +453,12 @@ class OutgoingSender:
                 await sleep_or_wake(
                     self._wake, max(0.05, self._rapidpro.budget.wait_time("broadcasts"))
                 )
+                continue
+            # Help other replicas only once every job of ours has its claim slot.
+            ready = self._queue.next_ready(help_others=self._claim_waiters == 0)
+            if not isinstance(ready, tuple):
+                self._wake.clear()
+                await sleep_or_wake(self._wake, 1.0 if ready is None else min(ready, 1.0))
                 continue
             doc_id, entry = ready
             self._metrics.send_queue.set(len(self._queue))

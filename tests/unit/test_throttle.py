@@ -24,8 +24,10 @@ class FakeClock:
 
 
 def budget(limit: int | None = 3, **others: int | None) -> tuple[Budget, FakeClock]:
+    """A budget whose entries age out exactly at the window, as on RapidPro (the margin for
+    arrival delay is tested on its own below)."""
     clock = FakeClock()
-    return Budget({BROADCASTS: limit, **others}, window_s=WINDOW, clock=clock), clock
+    return Budget({BROADCASTS: limit, **others}, window_s=WINDOW, margin_s=0.0, clock=clock), clock
 
 
 def test_allows_up_to_the_limit_then_refuses() -> None:
@@ -207,3 +209,56 @@ def test_outage_is_one_pause_for_all_who_hit_it(monkeypatch: pytest.MonkeyPatch)
     outage.recovered()
     clock[0] += 5.0
     assert outage.failed() == 1.0
+
+
+def test_entries_are_kept_a_margin_longer_than_the_window() -> None:
+    """RapidPro logs a request when it arrives, after we logged it: ours age out later."""
+    clock = FakeClock()
+    b = Budget({BROADCASTS: 1}, window_s=3600.0, clock=clock)
+    assert b.margin_s == pytest.approx(3.6)
+    assert b.try_acquire(BROADCASTS)
+    clock.now += 3600.0
+    assert not b.try_acquire(BROADCASTS)  # RapidPro may not have let it go yet
+    assert b.wait_time(BROADCASTS) == pytest.approx(3.6)
+    clock.now += 3.6
+    assert b.try_acquire(BROADCASTS)
+
+
+class FakeShare:
+    def __init__(self, live: int = 0, departed: int = 0, live_count: int = 0) -> None:
+        self.value = throttle.Others(live, departed, live_count)
+
+    def others(self, scope: str, now: float) -> throttle.Others:
+        return self.value
+
+
+@pytest.mark.parametrize(
+    ("others", "allowed", "remaining_before"),
+    [
+        ((0, 0, 0), 12, 12),  # alone: the whole budget
+        ((0, 0, 2), 4, 4),  # three replicas: a third each
+        ((0, 3, 2), 3, 3),  # a departed run used 3: the rest in thirds
+        ((0, 12, 0), 0, 0),  # an earlier run of ours used it all
+        ((10, 0, 1), 2, 2),  # the other replica overdrew (it joined late): only what is left
+    ],
+    ids=["alone", "three-replicas", "departed-usage", "earlier-run-used-all", "overdrawn"],
+)
+def test_the_workspace_budget_is_shared(
+    others: tuple[int, int, int], allowed: int, remaining_before: int
+) -> None:
+    b, _ = budget(12)
+    b.share = FakeShare(*others)
+    assert b.remaining(BROADCASTS) == remaining_before
+    granted = sum(b.try_acquire(BROADCASTS) for _ in range(20))
+    assert granted == allowed
+    assert b.remaining(BROADCASTS) == 0
+    assert b.wait_time(BROADCASTS) > 0
+
+
+def test_restored_entries_count_until_they_age_out() -> None:
+    b, clock = budget(3)
+    b.restore(BROADCASTS, [clock.now - 9.0, clock.now - 5.0])
+    assert b.remaining(BROADCASTS) == 1
+    assert b.entries(BROADCASTS) == [clock.now - 9.0, clock.now - 5.0]
+    clock.now += 1.0
+    assert b.remaining(BROADCASTS) == 2
