@@ -601,3 +601,100 @@ async def test_every_command_has_help_with_its_exit_codes(command: str) -> None:
     assert out.startswith(f"usage: cht-rapidpro {command}")
     assert "exit codes:" in out
     assert f"{EX_USAGE}  wrong arguments" in out
+
+
+async def test_the_main_help_lists_every_exit_code_run_can_return() -> None:
+    code, out, _ = await cli("--help")
+    assert code == EX_OK
+    codes = out.split("exit codes:", 1)[1]
+    for number in (EX_OK, EX_FAILED, EX_USAGE, EX_UNAVAILABLE, 70, 71, EX_TEMPFAIL, EX_CONFIG):
+        assert re.search(rf"^  {number} +\S", codes, re.MULTILINE), number
+    # Each number setting shows its range.
+    assert "CHT_RAPIDPRO_CLOCK_SKEW\n" in out and "(from 0 to 86400 seconds; default: 120.0)" in out
+
+
+@pytest.mark.parametrize("command", ["check-config", "run", "status"])
+async def test_config_may_follow_the_command(tmp_path: Path, command: str) -> None:
+    config = tmp_path / "f.toml"
+    config.write_text("port = 0\n")  # refused: so every command stops at the settings
+    code, _, err = await cli(command, "--config", str(config),
+                             env={"COUCH_URL": "http://a:b@127.0.0.1:9/medic"})  # fmt: skip
+    assert code == EX_CONFIG, err
+    assert "port (config file): '0' is out of range" in err
+
+
+async def test_check_config_reads_a_config_given_after_the_command(tmp_path: Path) -> None:
+    config = tmp_path / "f.toml"
+    config.write_text("port = 6010\n")
+    env = {"COUCH_URL": "http://a:b@127.0.0.1:9/medic"}
+    for args in (("check-config", "--config", str(config)),
+                 ("--config", str(config), "check-config")):  # fmt: skip
+        code, out, err = await cli(*args, env=env)
+        assert code == EX_OK, err
+        assert json.loads(out)["listen_port"] == 6010
+
+
+# -- settings `run` cannot use: exit 78 from check-config and run, never a traceback ------
+
+
+BAD_SETTINGS = [
+    {"CHT_RAPIDPRO_CLOCK_SKEW": "nan"},
+    {"CHT_RAPIDPRO_CLOCK_SKEW": "1e300"},
+    {"CHT_RAPIDPRO_CLAIM_TTL": "1e300"},
+    {"CHT_RAPIDPRO_MAX_TRACKING": "1e300"},
+    {"CHT_RAPIDPRO_SENT_GRACE": "1e300"},
+    {"CHT_RAPIDPRO_POLL_INTERVAL": "1e308"},
+    {"CHT_RAPIDPRO_PORT": "0"},
+    {"CHT_RAPIDPRO_PORT": "\u0665\u0669\u0668\u0669"},
+    {"CHT_RAPIDPRO_POLL_INTERVAL": "1_0"},
+    {"CHT_RAPIDPRO_HOST": "999.1.1.1"},
+    {"CHT_RAPIDPRO_HOST": "no-such-host.invalid"},  # RFC 6761: never resolves
+    {"CHT_RAPIDPRO_HOST": "192.0.2.1"},  # TEST-NET-1: not an address of this machine
+    {"COUCH_URL": "http://admin:x/Secret@127.0.0.1:5984/medic"},
+]
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize("bad", BAD_SETTINGS, ids=lambda bad: "=".join(next(iter(bad.items()))))
+async def test_settings_run_cannot_use_exit_78(
+    couch: CouchAdmin, command: str, bad: dict[str, str]
+) -> None:
+    env = {"COUCH_URL": couch.couch_url, "CHT_RAPIDPRO_PORT": str(free_port()), **bad}
+    code, out, err = await cli(command, env=env)
+    assert code == EX_CONFIG, out + err
+    assert err.startswith("configuration error (1 problem):\n"), err
+    assert next(iter(bad)) + ": " in err
+    assert "Traceback" not in out + err and "Secret" not in err
+
+
+def _latin1_couch_url(path: Path) -> dict[str, str]:
+    path.write_bytes(b"http://admin:s\xe9cret@127.0.0.1:5984/medic\n")
+    return {"COUCH_URL_FILE": str(path)}
+
+
+def _utf16_couch_url(path: Path) -> dict[str, str]:
+    path.write_bytes("http://admin:secret@127.0.0.1:5984/medic\n".encode("utf-16"))
+    return {"COUCH_URL_FILE": str(path)}
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize("source", ["latin-1 file", "utf-16 file", "latin-1 toml", "utf-16 toml"])
+async def test_settings_that_are_not_utf8_exit_78_with_a_clear_message(
+    tmp_path: Path, command: str, source: str
+) -> None:
+    args: tuple[str, ...] = (command,)
+    env = {"COUCH_URL": "http://admin:secret@127.0.0.1:5984/medic"}
+    if source == "latin-1 file":
+        env = _latin1_couch_url(tmp_path / "couch_url")
+    elif source == "utf-16 file":
+        env = _utf16_couch_url(tmp_path / "couch_url")
+    else:
+        config = tmp_path / "f.toml"
+        text = 'instance = "caf\u00e9"\n'
+        config.write_bytes(text.encode("latin-1" if source == "latin-1 toml" else "utf-16"))
+        args = (command, "--config", str(config))
+    code, out, err = await cli(*args, env=env)
+    assert code == EX_CONFIG, out + err
+    assert "Traceback" not in out + err
+    assert ("is UTF-16 text" if "utf-16" in source else "is not UTF-8 text (byte 0xe9") in err
+    assert "save it as UTF-8" in err
