@@ -81,7 +81,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
         components = app[COMPONENTS]
         components.gateway = gateway
-        components.webhook = IncomingWebhook(couch, gateway.writer, gateway.cht, app[METRICS])
+        components.webhook = IncomingWebhook(
+            couch, gateway.writer, gateway.cht, app[METRICS], timeout_s=settings.webhook_timeout_s
+        )
         gateway.start()
         yield
         await gateway.stop()
