@@ -179,10 +179,10 @@ def _add_commands(commands: Any) -> None:
             "Check everything the daemon needs, one row per check (ok, FAIL, warn, or skip "
             "when an earlier check failed), with the fix for every problem: CouchDB reachable "
             "and an admin, the medic db, CHT's app settings (sms.outgoing_service, "
-            "sms.rapidpro.url), the credentials rapidpro:outgoing and rapidpro:incoming (CHT "
-            "4.x vault or 3.x config), RapidPro and its token (one GET), and a running "
-            "daemon's /healthz (warn only if none runs). Nothing is written; no secret is "
-            "printed."
+            "sms.rapidpro.url, default_country_code, phone_validation), the credentials "
+            "rapidpro:outgoing and rapidpro:incoming (CHT 4.x vault or 3.x config), RapidPro "
+            "and its token (one GET), and a running daemon's /healthz (warn only if none "
+            "runs). Nothing is written; no secret is printed."
         ),
         epilog=(
             f"exit codes:\n  {EX_OK}   every check passed (warnings allowed)\n"

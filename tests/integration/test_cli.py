@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import urllib.parse
 from pathlib import Path
@@ -117,7 +118,7 @@ async def test_check_all_ok_with_cht_set_up_and_a_running_daemon(
     out = io.StringIO()
     assert await run_check(settings, out=out) == EX_OK
     table = out.getvalue()
-    assert "all 10 checks passed" in table
+    assert "all 11 checks passed" in table
     assert "FAIL" not in table and "fix:" not in table
     assert "CHT 4.x vault" in table
     for secret in (DEFAULT_TOKEN, INCOMING_KEY, "secret"):  # nor CouchDB's admin password
@@ -132,6 +133,7 @@ async def test_check_all_ok_with_cht_set_up_and_a_running_daemon(
         "cht.settings": "ok",
         "cht.outgoing_service": "ok",
         "cht.rapidpro_url": "ok",
+        "cht.phone_numbers": "ok",
         "cht.credential.rapidpro:outgoing": "ok",
         "cht.credential.rapidpro:incoming": "ok",
         "rapidpro.api": "ok",
@@ -698,3 +700,77 @@ async def test_settings_that_are_not_utf8_exit_78_with_a_clear_message(
     assert "Traceback" not in out + err
     assert ("is UTF-16 text" if "utf-16" in source else "is not UTF-8 text (byte 0xe9") in err
     assert "save it as UTF-8" in err
+
+
+# -- check: what it did not say (issue item 10) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("app_settings", "status", "details"),
+    [
+        (
+            {"default_country_code": 254, "phone_validation": "partial"},
+            "ok",
+            ["default_country_code 254 (KE), phone_validation 'partial'"],
+        ),
+        (
+            {},
+            "warn",
+            [
+                "default_country_code is not set: a number without its +country code cannot "
+                "be normalised",
+                "phone_validation is not set: CHT validates numbers fully ('full')",
+            ],
+        ),
+        (
+            {"default_country_code": "+254", "phone_validation": "Partial"},
+            "warn",
+            ["default_country_code '+254' is not a country calling code as CHT reads it"],
+        ),
+        (
+            {"default_country_code": "254", "phone_validation": "strict"},
+            "warn",
+            ["phone_validation 'strict' is not 'full', 'partial' or 'none'"],
+        ),
+    ],
+    ids=["set", "missing", "plus-sign", "unknown-mode"],
+)
+async def test_check_warns_about_phone_settings(
+    couch: CouchAdmin, app_settings: dict[str, Any], status: str, details: list[str]
+) -> None:
+    await couch.put_settings(sms={"outgoing_service": "cht-rapidpro"}, **app_settings)
+    _, rows = await check_json(settings_for(couch))
+    row = rows["cht.phone_numbers"]
+    assert row["status"] == status
+    for detail in details:
+        assert detail in row["detail"]
+    if status == "warn":
+        assert "in app settings" in row["fix"]
+    if "default_country_code" in details[0] and status == "warn":
+        assert "e.g. 254" in row["fix"]
+
+
+async def test_check_shows_an_unset_outgoing_service_as_not_set(couch: CouchAdmin) -> None:
+    await couch.put_settings(sms={"rapidpro": {"url": "https://textit.com"}})
+    _, rows = await check_json(settings_for(couch))
+    row = rows["cht.outgoing_service"]
+    assert row["status"] == "fail"
+    assert row["detail"].startswith("is not set, but CHT_RAPIDPRO_SERVICE is 'cht-rapidpro'")
+    assert "None" not in row["detail"]
+
+
+async def test_check_says_how_long_a_silent_couchdb_was_waited_for() -> None:
+    """A server that accepts the connection and never answers: `TimeoutError: ` said
+    nothing."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://admin:pass@127.0.0.1:{silent.getsockname()[1]}/medic"
+        settings = Settings.from_env(
+            {"COUCH_URL": url, "CHT_RAPIDPRO_COUCH_TIMEOUT": "0.5",
+             "CHT_RAPIDPRO_PORT": str(free_port())}
+        )  # fmt: skip
+        _, rows = await check_json(settings)
+    row = rows["couch.reachable"]
+    assert row["status"] == "fail"
+    assert row["detail"].endswith(": server info: no answer within 0.5 s"), row["detail"]

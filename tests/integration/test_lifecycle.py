@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import signal
 import socket
 import sys
@@ -181,3 +182,32 @@ def test_listen_failures_are_configuration_errors_except_a_port_in_use() -> None
     assert listen_failure(unresolvable)[0] == 78
     assert listen_failure(_bind_error("192.0.2.1", 0))[0] == 78
     assert listen_failure(OSError(errno.EACCES, "Permission denied"))[0] == 78
+
+
+async def test_a_normal_start_logs_no_false_alarm_and_no_empty_keys(
+    cht: CouchAdmin, rapidpro: Any
+) -> None:
+    """Issue item 10: every start logged `sending_disabled reason="reading the RapidPro
+    credentials"` (a transitional state, not a problem), and keys without a value rendered
+    as `problem=`."""
+    port = free_port()
+    proc = await start_process(cht.couch_url, port)
+    output = asyncio.ensure_future(proc.stdout.read())  # type: ignore[union-attr]
+    await eventually(lambda: healthz(port), lambda status: status == 200, what="healthy")
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 15) == 0
+    lines = (await output).decode().splitlines()
+    events = [line for line in lines if "event=" in line]
+    assert any("event=sending_enabled" in line for line in events)
+    assert any("event=credential_loaded" in line for line in events)
+    assert not [line for line in events if "event=sending_disabled" in line]
+    empty = [line for line in events if re.search(r" [a-z_]+=(?= |$)", line)]
+    assert empty == []
+
+
+async def test_metrics_have_no_created_series(daemon_factory: Any, cht: CouchAdmin) -> None:
+    daemon = await daemon_factory()
+    async with aiohttp.ClientSession() as session, session.get(daemon.url + "/metrics") as resp:
+        text = await resp.text()
+    assert "chtrp_messages_sent_total 0.0" in text
+    assert "_created" not in text
