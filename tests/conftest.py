@@ -239,7 +239,6 @@ async def config_credential(couch: CouchAdmin) -> AsyncIterator[Any]:
 #: Test timings: quick polls and checkpoints, short back-offs.
 FAST_ENV = {
     "CHT_RAPIDPRO_HOST": "127.0.0.1",
-    "CHT_RAPIDPRO_PORT": "0",
     "CHT_RAPIDPRO_POLL_INTERVAL": "0.2",
     "CHT_RAPIDPRO_CHECKPOINT_INTERVAL": "0.1",
     "CHT_RAPIDPRO_CREDENTIALS_REFRESH": "0.2",
@@ -290,6 +289,10 @@ async def daemon_factory(couch: CouchAdmin) -> AsyncIterator[Any]:
         env = {**FAST_ENV, "COUCH_URL": couch.couch_url, **overrides}
         env.setdefault("CHT_RAPIDPRO_INSTANCE", f"test-{len(started)}")
         settings = dataclasses.replace(Settings.from_env(env), retry_initial_s=0.05)
+        if "CHT_RAPIDPRO_PORT" not in overrides:
+            # Any free port, chosen by the OS when the listener binds: something a test may
+            # do, an operator may not (a daemon RapidPro cannot find; CHT_RAPIDPRO_PORT >= 1).
+            settings = dataclasses.replace(settings, listen_port=0)
         daemon = RunningDaemon(settings)
         await daemon.start()
         started.append(daemon)

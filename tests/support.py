@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from cht_rapidpro.cht import credentials
-from pouchdb import ADMIN_PASSWORD, ADMIN_USER, COUCH_SECRET, HEADERS
+from pouchdb import ADMIN_PASSWORD, ADMIN_USER, COUCH_SECRET, HEADERS, free_port
 
 T = TypeVar("T")
 
@@ -199,7 +199,7 @@ async def start_daemon_process(
     environment = {
         **os.environ,
         "COUCH_URL": couch_url,
-        "CHT_RAPIDPRO_PORT": "0",
+        "CHT_RAPIDPRO_PORT": str(free_port()),
         "CHT_RAPIDPRO_INSTANCE": instance,
         "CHT_RAPIDPRO_POLL_INTERVAL": "0.5",
         "CHT_RAPIDPRO_CHECKPOINT_INTERVAL": "0.2",

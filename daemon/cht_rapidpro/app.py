@@ -6,10 +6,12 @@ This is the only module that constructs and connects components.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import math
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -46,6 +48,9 @@ IDENTITY = web.AppKey("identity", Identity)
 
 log = get_logger(component="app")
 
+EX_OSERR = 71  # the listener's port is taken: systemd retries
+EX_CONFIG = 78  # configuration: the unit's RestartPreventExitStatus=78 stops the retries
+
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Sessions and clients first, workers last; unwound in reverse on shutdown."""
@@ -77,7 +82,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
         components = app[COMPONENTS]
         components.gateway = gateway
-        components.webhook = IncomingWebhook(couch, gateway.writer, gateway.cht, app[METRICS])
+        components.webhook = IncomingWebhook(
+            couch, gateway.writer, gateway.cht, app[METRICS], timeout_s=settings.webhook_timeout_s
+        )
         gateway.start()
         yield
         await gateway.stop()
@@ -156,6 +163,28 @@ def _start_watchdog(gateway: Gateway) -> asyncio.Task[None] | None:
     return asyncio.get_running_loop().create_task(feed(), name="watchdog")
 
 
+def listen_failure(exc: OSError) -> tuple[int, str]:
+    """The exit code for a listener that cannot be bound, and what to do about it.
+
+    Only a port in use may free itself (the previous process still closing it): 71, which
+    systemd retries. A host name that does not resolve, an address that is not this
+    machine's, or a port this user may not bind are configuration errors: 78, which it does
+    not retry.
+    """
+    if isinstance(exc, socket.gaierror):
+        return EX_CONFIG, "CHT_RAPIDPRO_HOST does not resolve: use an address of this machine"
+    if exc.errno == errno.EADDRINUSE:
+        return EX_OSERR, "another process holds the port: stop it or change CHT_RAPIDPRO_PORT"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return EX_CONFIG, (
+            "CHT_RAPIDPRO_HOST is not an address of this machine: use one of its addresses "
+            "(127.0.0.1, or 0.0.0.0 for all)"
+        )
+    if exc.errno == errno.EACCES:
+        return EX_CONFIG, "this user may not listen on CHT_RAPIDPRO_PORT: use a port >= 1024"
+    return EX_OSERR, "see the error"
+
+
 async def serve(settings: Settings) -> int:
     """Run the daemon until SIGTERM/SIGINT or a fatal error; returns the exit code."""
     stop = asyncio.Event()
@@ -180,12 +209,15 @@ async def serve(settings: Settings) -> int:
         try:
             await web.TCPSite(runner, settings.listen_host, settings.listen_port).start()
         except OSError as exc:
+            code, hint = listen_failure(exc)
             log.critical(
                 "listen_failed",
                 listen=f"{settings.listen_host}:{settings.listen_port}",
                 error=exc.strerror or str(exc),
+                hint=hint,
+                exit_code=code,
             )
-            return 71  # EX_OSERR: systemd retries (the old process may still hold the port)
+            return code
         systemd.notify("READY=1")
         log.info("gateway_started", listen=f"{settings.listen_host}:{settings.listen_port}")
         watchdog = _start_watchdog(gateway_of(runner.app))

@@ -43,7 +43,9 @@ class Gate:
 
     target: Target | None
     reason: str | None
-    severity: str = "info"  # "error" when a human must fix something
+    # "error" when a human must fix something; "starting" while start-up reads what it needs
+    # (not worth a log line: the next gate follows within moments)
+    severity: str = "info"
 
     @property
     def open(self) -> bool:
@@ -302,7 +304,7 @@ class ChtConfig:
 
     def _compute_gate(self) -> Gate:
         if not self.settings_loaded:
-            return Gate(None, "app settings not loaded yet")
+            return Gate(None, "app settings not loaded yet", "starting")
         service = self.sms.get("outgoing_service")
         if service != self._service:
             switch = (
@@ -311,9 +313,10 @@ class ChtConfig:
                 if service in CHT_OUTGOING_SERVICES
                 else ""
             )
+            shown = "not set" if service is None else repr(service)
             return Gate(
                 None,
-                f"app settings sms.outgoing_service is {service!r}, not {self._service!r}: "
+                f"app settings sms.outgoing_service is {shown}, not {self._service!r}: "
                 f"another sender is in charge, so this daemon neither sends nor polls{switch}",
             )
         rapidpro = self.sms.get("rapidpro")
@@ -332,7 +335,7 @@ class ChtConfig:
         if url.scheme not in ("http", "https") or not url.host:
             return Gate(None, f"sms.rapidpro.url {raw_url!r} is not an http(s) URL", "error")
         if not self._credentials_read:
-            return Gate(None, "reading the RapidPro credentials")
+            return Gate(None, "reading the RapidPro credentials", "starting")
         if not self._outgoing.value:
             problem = self._outgoing.problem or (
                 "No api key configured: store the RapidPro API token as credential "
@@ -350,7 +353,7 @@ class ChtConfig:
         if gate.open:
             assert gate.target is not None
             self._log.info("sending_enabled", rapidpro_url=str(gate.target.url))
-        else:
+        elif gate.severity != "starting":
             log = self._log.error if gate.severity == "error" else self._log.info
             log("sending_disabled", reason=gate.reason)
         # Wake whoever waits for a change, then arm a fresh event for the next one.

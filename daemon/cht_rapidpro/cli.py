@@ -15,6 +15,8 @@ from .commands import (
     EX_CONFIG,
     EX_FAILED,
     EX_OK,
+    EX_OSERR,
+    EX_SOFTWARE,
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
     EX_USAGE,
@@ -24,7 +26,7 @@ from .commands import (
     run_send,
     run_status,
 )
-from .config import DEFAULTS, OPTIONS, Settings
+from .config import DEFAULTS, OPTIONS, Bounded, Settings, check_listen_address
 from .errors import ConfigError
 
 EXIT_CODES = f"""exit codes:
@@ -32,8 +34,14 @@ EXIT_CODES = f"""exit codes:
   {EX_FAILED}   a check failed, or the message failed
   {EX_USAGE}  wrong arguments
   {EX_UNAVAILABLE}  a dependency (CouchDB) cannot be reached
+  {EX_SOFTWARE}  run: a bug (please report the log); systemd restarts the daemon
+  {EX_OSERR}  run: the listener's port is taken; systemd retries
   {EX_TEMPFAIL}  send: no final state within --timeout
-  {EX_CONFIG}  configuration error (settings, COUCH_URL credentials or database name)"""
+  {EX_CONFIG}  configuration error (settings, COUCH_URL credentials or database name,
+      a listen address that is not this machine's); systemd does not restart on it"""
+
+
+CONFIG_HELP = "TOML file with settings (environment variables win)"
 
 
 def _wrap(text: str) -> str:
@@ -69,15 +77,24 @@ def _command_settings(args: argparse.Namespace, *, diagnose: bool = False) -> Se
     return settings
 
 
+def _listenable(settings: Settings) -> None:
+    """A listen address that cannot work is a configuration error (78), not a busy port."""
+    problems = check_listen_address(settings.listen_host, settings.listen_port)
+    if problems:
+        raise ConfigError(problems)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .app import serve
 
     settings = _settings(args)
+    _listenable(settings)
     return asyncio.run(serve(settings))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = Settings.load(args.config)
+    _listenable(settings)
     print(json.dumps(settings.redacted(), indent=2, default=str))
     return EX_OK
 
@@ -129,7 +146,10 @@ def _epilog() -> str:
     lines = ["settings (environment variables; also keys of a --config TOML file):"]
     for option in OPTIONS:
         default = DEFAULTS.get(option.name)
-        shown = f" (default: {default})" if default not in (None, "") else ""
+        notes = [option.parse.describe()] if isinstance(option.parse, Bounded) else []
+        if default not in (None, ""):
+            notes.append(f"default: {default}")
+        shown = f" ({'; '.join(notes)})" if notes else ""
         lines.append(f"  {option.env}\n      {option.help}{shown}")
     return "\n".join(lines)
 
@@ -159,10 +179,10 @@ def _add_commands(commands: Any) -> None:
             "Check everything the daemon needs, one row per check (ok, FAIL, warn, or skip "
             "when an earlier check failed), with the fix for every problem: CouchDB reachable "
             "and an admin, the medic db, CHT's app settings (sms.outgoing_service, "
-            "sms.rapidpro.url), the credentials rapidpro:outgoing and rapidpro:incoming (CHT "
-            "4.x vault or 3.x config), RapidPro and its token (one GET), and a running "
-            "daemon's /healthz (warn only if none runs). Nothing is written; no secret is "
-            "printed."
+            "sms.rapidpro.url, default_country_code, phone_validation), the credentials "
+            "rapidpro:outgoing and rapidpro:incoming (CHT 4.x vault or 3.x config), RapidPro "
+            "and its token (one GET), and a running daemon's /healthz (warn only if none "
+            "runs). Nothing is written; no secret is printed."
         ),
         epilog=(
             f"exit codes:\n  {EX_OK}   every check passed (warnings allowed)\n"
@@ -282,9 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--config", metavar="FILE", help="TOML file with settings (environment variables win)"
-    )
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = commands.add_parser("run", help="run the daemon (what the systemd unit starts)")
     run.set_defaults(func=cmd_run)
@@ -299,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sandbox.add_argument("sandbox_args", nargs=argparse.REMAINDER, help="see `sandbox --help`")
+    for name, command in commands.choices.items():
+        if name != "sandbox":
+            # Also after the command (`check-config --config f.toml`); SUPPRESS keeps one
+            # given before it.
+            command.add_argument(
+                "--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP
+            )
     return parser
 
 

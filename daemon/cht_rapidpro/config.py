@@ -7,7 +7,9 @@ daemon needs to reach CouchDB and to run.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
@@ -49,9 +51,18 @@ class CouchTarget:
 
 def parse_couch_url(value: str) -> CouchTarget:
     """Split `http://user:pass@host:5984/medic` into server, db and credentials."""
-    url = URL(value.strip())
+    try:
+        url = URL(value.strip())
+    except ValueError:
+        # yarl's reason ("port can't be converted to integer") is about the password part
+        # a `/`, `?` or `#` cut short; the value itself is never echoed (it holds a password).
+        raise ValueError(f"is not a valid URL{_PERCENT_ENCODE}") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"{_redact(value)!r} is not an http(s) URL")
+    if "@" in url.raw_path + url.raw_query_string + url.raw_fragment:
+        # `http://admin:12/34@host/medic` parses as host `admin`, port 12: the real host
+        # follows an `@` in the path (CouchDB database names cannot contain `@`).
+        raise ValueError(f"has an '@' after the host{_PERCENT_ENCODE}")
     path = url.path.rstrip("/")
     server_path, _, db = path.rpartition("/")
     if not db:
@@ -65,6 +76,13 @@ def parse_couch_url(value: str) -> CouchTarget:
     return CouchTarget(server=server, db=db, user=url.user, password=url.password)
 
 
+_PERCENT_ENCODE = (
+    ": a '/', '?', '#' or '@' in the user name or password must be percent-encoded "
+    "('/' as %2F, '?' as %3F, '#' as %23, '@' as %40), "
+    "e.g. http://admin:p%2Fss@127.0.0.1:5984/medic"
+)
+
+
 def _redact(value: str) -> str:
     try:
         url = URL(value)
@@ -73,60 +91,72 @@ def _redact(value: str) -> str:
         return "<unparseable>"
 
 
-def _float(text: str) -> float:
-    try:
-        return float(text.strip())
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number") from None
+def _shown(text: str) -> str:
+    """A value for a problem message: quoted, and cut short if long."""
+    shown = repr(text.strip())
+    return shown if len(shown) <= 40 else shown[:36] + "...'"
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise ValueError(f"{text!r} is not a whole number") from None
+# ASCII digits only: Python's int()/float() also take "1_0", "٥٩٨٩" (Arabic-Indic digits),
+# "nan" and "inf", none of which an operator means as a setting.
+_WHOLE = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
-def _positive_float(text: str) -> float:
-    number = _float(text)
-    if not number > 0 or number != number or number == float("inf"):
-        raise ValueError(f"{text!r} must be a number greater than 0")
-    return number
+@dataclass(frozen=True, slots=True)
+class Bounded:
+    """A number setting's parser: ASCII digits, within `low`..`high` (both included)."""
+
+    low: float
+    high: float
+    whole: bool = False
+    unit: str = ""
+
+    def __call__(self, text: str) -> Any:
+        value = text.strip()
+        if self.whole:
+            if not _WHOLE.fullmatch(value) or len(value) > 20:
+                raise ValueError(f"{_shown(text)} is not a whole number (digits 0-9)")
+            number: float = int(value)
+        else:
+            if not _DECIMAL.fullmatch(value) or len(value) > 40:
+                raise ValueError(f"{_shown(text)} is not a number (digits 0-9, e.g. 2.5)")
+            number = float(value)
+        if not self.low <= number <= self.high:
+            raise ValueError(f"{_shown(text)} is out of range: must be {self.describe()}")
+        return number
+
+    def describe(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        return f"from {_plain(self.low)} to {_plain(self.high)}{unit}"
 
 
-def _non_negative_float(text: str) -> float:
-    number = _float(text)
-    if number < 0:
-        raise ValueError(f"{text!r} must be 0 or more")
-    return number
+def _plain(number: float) -> str:
+    """`2592000` rather than `2.592e+06`, `0.05` as it is."""
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
 
-def _positive_int(text: str) -> int:
-    number = _int(text)
-    if number <= 0:
-        raise ValueError(f"{text!r} must be a whole number greater than 0")
-    return number
+def _seconds(low: float, high: float) -> Bounded:
+    return Bounded(low, high, unit="seconds")
 
 
-def _non_negative_int(text: str) -> int:
-    number = _int(text)
-    if number < 0:
-        raise ValueError(f"{text!r} must be a whole number, 0 or more")
-    return number
+def _whole(low: int, high: int) -> Bounded:
+    return Bounded(low, high, whole=True)
 
 
-def _port(text: str) -> int:
-    number = _int(text)
-    if not 0 <= number <= 65535:
-        raise ValueError(f"{text!r} is not a TCP port")
-    return number
+DAY = 86400.0
+#: The daemon as shipped runs under systemd with WatchdogSec=180 and TimeoutStopSec=20
+#: (systemd/cht-rapidpro.service): the feed's heartbeat and the shutdown grace are bounded
+#: so that the daemon stays within them.
+_MAX_HEARTBEAT_S = 25.0  # a quiet long poll lasts 6 heartbeats + 1 s: 151 s < 180 s
+_MAX_SHUTDOWN_GRACE_S = 15.0  # + 3 s of clean-up: 18 s < 20 s
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
         if value not in choices:
-            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+            raise ValueError(f"{_shown(text)} is not one of {', '.join(choices)}")
         return value
 
     return parse
@@ -138,14 +168,106 @@ def _bool(text: str) -> bool:
         return True
     if value in ("false", "no", "off", "0"):
         return False
-    raise ValueError(f"{text!r} is not true or false")
+    raise ValueError(f"{_shown(text)} is not true or false")
 
 
-def _non_empty(text: str) -> str:
+def _name(max_length: int) -> Callable[[str], str]:
+    """A free-form name: not empty, printable, not longer than `max_length`."""
+
+    def parse(text: str) -> str:
+        value = text.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        if not value.isprintable():
+            raise ValueError(f"{_shown(text)} contains control characters")
+        if len(value) > max_length:
+            raise ValueError(f"is longer than {max_length} characters")
+        return value
+
+    return parse
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _listen_host(text: str) -> str:
+    """An IP address or a host name (RFC 1123); `999.1.1.1` is neither."""
     value = text.strip()
     if not value:
         raise ValueError("must not be empty")
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    labels = value.removesuffix(".").split(".")
+    numeric = all(label.isascii() and label.isdigit() for label in labels)
+    if numeric or len(value) > 253 or not all(_HOST_LABEL.fullmatch(x) for x in labels):
+        raise ValueError(
+            f"{_shown(text)} is neither an IP address nor a host name "
+            "(e.g. 127.0.0.1, 0.0.0.0, ::1 or localhost)"
+        )
     return value
+
+
+def check_listen_address(host: str, port: int) -> list[str]:
+    """Problems with listening on `host`: a name that does not resolve, or an address that
+    is not one of this machine's. Binds only ephemeral ports, so a running daemon on `port`
+    does not count as a problem (`check-config` may run beside it).
+    """
+    where = f"{PREFIX}HOST: {host!r}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        return [f"{where} does not resolve to an address ({reason})"]
+    problems: list[str] = []
+    for family, kind, proto, _, address in infos:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # a family this host lacks: asyncio's create_server skips it too
+        try:
+            with probe:
+                probe.bind((address[0], 0, *address[2:]))
+        except OSError as exc:
+            problems.append(
+                f"{where} ({address[0]}) cannot be listened on: {exc.strerror or exc}; "
+                "use an address of this machine (e.g. 127.0.0.1, or 0.0.0.0 for all)"
+            )
+    return problems
+
+
+def _utf8_problem(raw: str) -> str | None:
+    """Why a value read from the environment is not text (os.environ keeps undecodable
+    bytes as lone surrogates), or None."""
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid UTF-8 text (an undecodable byte at character {exc.start})"
+    return None
+
+
+def read_text_file(path: str) -> str:
+    """A settings file's text: UTF-8 (a UTF-8 byte-order mark is ignored).
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: it is not UTF-8, with the offset of the first bad byte (never the
+            content: the file may hold a password).
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise ValueError(
+                "is UTF-16 text (it starts with a UTF-16 byte-order mark): save it as UTF-8"
+            ) from None
+        raise ValueError(
+            f"is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
+            "save it as UTF-8"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,14 +291,15 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "listen_host",
         PREFIX + "HOST",
-        _non_empty,
-        "Address of the webhook/health/metrics listener.",
+        _listen_host,
+        "Address of the webhook/health/metrics listener: an IP address of this machine "
+        "(0.0.0.0: all) or a host name that resolves to one.",
     ),
-    Option("listen_port", PREFIX + "PORT", _port, "Port of that listener."),
+    Option("listen_port", PREFIX + "PORT", _whole(1, 65535), "Port of that listener."),
     Option(
         "service",
         PREFIX + "SERVICE",
-        _non_empty,
+        _name(100),
         "Send and poll only while app settings sms.outgoing_service equals this value. Keep a "
         "value CHT does not know (the default): CHT's API then sends nothing itself, and its "
         "incoming webhooks keep working. CHT's own services (rapidpro, africas-talking, "
@@ -192,13 +315,13 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "instance",
         PREFIX + "INSTANCE",
-        _non_empty,
+        _name(200),
         "This daemon's name in its claims; must be unique per replica (default: hostname:port).",
     ),
     Option(
         "poll_interval_s",
         PREFIX + "POLL_INTERVAL",
-        _positive_float,
+        _seconds(0.1, DAY),
         "Seconds between delivery-status poll rounds.",
     ),
     Option("log_level", PREFIX + "LOG_LEVEL", _choice(*LOG_LEVELS), "Log level."),
@@ -211,104 +334,115 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "send_concurrency",
         PREFIX + "SEND_CONCURRENCY",
-        _positive_int,
+        _whole(1, 256),
         "Broadcast POSTs in flight at once.",
     ),
     Option(
         "send_timeout_s",
         PREFIX + "SEND_TIMEOUT",
-        _positive_float,
+        _seconds(0.5, 300),
         "Seconds before a RapidPro request is abandoned (then looked up before any resend).",
     ),
     Option(
         "claim_ttl_s",
         PREFIX + "CLAIM_TTL",
-        _positive_float,
+        _seconds(1, DAY),
         "Seconds after which another replica's unfinished claim is taken over. "
         "Keep it well above twice SEND_TIMEOUT.",
     ),
     Option(
         "broadcasts_per_hour",
         PREFIX + "BROADCASTS_PER_HOUR",
-        _non_negative_int,
+        _whole(0, 1_000_000),
         "Client-side budget for RapidPro's broadcasts throttle scope (0: no limit). "
         "TextIt allows 3600/h shared with other endpoints; community RapidPro 36000/h.",
     ),
     Option(
         "messages_per_hour",
         PREFIX + "MESSAGES_PER_HOUR",
-        _non_negative_int,
+        _whole(0, 1_000_000),
         "Client-side budget for the v2.messages scope used by status polling (0: no limit). "
         "RapidPro allows 2500/h (TextIt 3600/h) per workspace.",
     ),
     Option(
         "throttle_window_s",
         PREFIX + "THROTTLE_WINDOW",
-        _positive_float,
+        _seconds(1, DAY),
         "Seconds over which RapidPro counts the requests of a budget (one hour on RapidPro; "
         "change it only to match a sandbox whose throttle runs faster).",
     ),
     Option(
         "sent_grace_s",
         PREFIX + "SENT_GRACE",
-        _positive_float,
+        _seconds(1, 30 * DAY),
         "Stop polling a message left in 'sent' (no delivery report) after this many seconds.",
     ),
     Option(
         "max_tracking_s",
         PREFIX + "MAX_TRACKING",
-        _positive_float,
+        _seconds(1, 30 * DAY),
         "Stop polling any message after this many seconds (RapidPro fails stale ones at 7 days).",
     ),
     Option(
         "clock_skew_s",
         PREFIX + "CLOCK_SKEW",
-        _non_negative_float,
+        _seconds(0, DAY),
         "Allowance for clock differences between this host and RapidPro in time windows.",
     ),
     Option(
         "credentials_refresh_s",
         PREFIX + "CREDENTIALS_REFRESH",
-        _positive_float,
+        _seconds(0.1, DAY),
         "Seconds between re-reads of the RapidPro credentials from CouchDB.",
     ),
     Option(
         "checkpoint_interval_s",
         PREFIX + "CHECKPOINT_INTERVAL",
-        _positive_float,
+        _seconds(0.05, 3600),
         "At most this many seconds between saves of the feed position.",
     ),
-    Option("feed_batch", PREFIX + "FEED_BATCH", _positive_int, "Changes read per feed request."),
+    Option(
+        "feed_batch", PREFIX + "FEED_BATCH", _whole(1, 10_000), "Changes read per feed request."
+    ),
     Option(
         "feed_heartbeat_s",
         PREFIX + "FEED_HEARTBEAT",
-        _positive_float,
+        _seconds(0.1, _MAX_HEARTBEAT_S),
         "Heartbeat asked of CouchDB on the changes feed; a silent feed is reconnected "
-        "after twice this.",
+        "after twice this. A quiet long poll lasts 6 heartbeats: the maximum keeps it "
+        "within the unit's WatchdogSec=180.",
     ),
     Option(
         "couch_timeout_s",
         PREFIX + "COUCH_TIMEOUT",
-        _positive_float,
+        _seconds(0.5, 300),
         "Seconds before an ordinary CouchDB request is abandoned and retried.",
     ),
     Option(
         "retry_max_s",
         PREFIX + "RETRY_MAX",
-        _positive_float,
+        _seconds(0.1, 3600),
         "Longest wait between retries of a failing dependency.",
     ),
     Option(
         "shutdown_grace_s",
         PREFIX + "SHUTDOWN_GRACE",
-        _positive_float,
-        "On SIGTERM, seconds allowed to finish in-flight sends before they are cancelled.",
+        _seconds(0.1, _MAX_SHUTDOWN_GRACE_S),
+        "On SIGTERM, seconds allowed to finish in-flight sends before they are cancelled "
+        "(3 s more for the rest: the maximum keeps it within the unit's TimeoutStopSec=20).",
     ),
     Option(
         "webhook_max_bytes",
         PREFIX + "WEBHOOK_MAX_BYTES",
-        _positive_int,
+        _whole(1024, 32 * 1024 * 1024),
         "Largest incoming-webhook body accepted (413 above).",
+    ),
+    Option(
+        "webhook_timeout_s",
+        PREFIX + "WEBHOOK_TIMEOUT",
+        _seconds(0.1, 14),
+        "Seconds the webhook waits for CouchDB before it answers 503 (the message may still "
+        "be saved; a retry of the same call is recognised). RapidPro gives up after 15 s.",
     ),
 )
 
@@ -344,6 +478,7 @@ class Settings:
     retry_initial_s: float = 1.0
     shutdown_grace_s: float = 6.0
     webhook_max_bytes: int = 64 * 1024
+    webhook_timeout_s: float = 10.0
 
     @classmethod
     def from_env(
@@ -370,9 +505,12 @@ class Settings:
             if raw is None and file_env:
                 source = option.env + "_FILE"
                 try:
-                    raw = Path(file_env).read_text(encoding="utf-8").strip()
+                    raw = read_text_file(file_env).strip()
                 except OSError as exc:
                     problems.append(f"{source}: {file_env}: {exc.strerror or exc}")
+                    continue
+                except ValueError as exc:
+                    problems.append(f"{source}: {file_env} {exc}")
                     continue
             from_file = file_values.pop(key, None)
             if raw is None and from_file is not None:
@@ -381,6 +519,10 @@ class Settings:
             if raw is None:
                 if option.name in _REQUIRED:
                     problems.append(f"{option.env}: required ({option.help})")
+                continue
+            not_text = _utf8_problem(raw)
+            if not_text is not None:
+                problems.append(f"{source}: {not_text}")
                 continue
             if PLACEHOLDER in raw.lower():
                 problems.append(f"{source}: still holds the placeholder from the example file")
@@ -427,12 +569,13 @@ class Settings:
         file_values: dict[str, Any] = {}
         if config_file:
             try:
-                with open(config_file, "rb") as handle:
-                    file_values = tomllib.load(handle)
+                file_values = tomllib.loads(read_text_file(config_file))
             except OSError as exc:
                 raise ConfigError([f"--config {config_file}: {exc.strerror or exc}"]) from exc
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError([f"--config {config_file}: not valid TOML: {exc}"]) from exc
+            except ValueError as exc:  # not UTF-8 (TOML files are UTF-8 by definition)
+                raise ConfigError([f"--config {config_file} {exc}"]) from exc
         return cls.from_env(
             os.environ if env is None else env,
             file_values,

@@ -5,9 +5,19 @@ The document `_id` is derived from RapidPro's id, so CouchDB itself refuses a se
 under concurrent deliveries; ids CHT stored itself are found through its own
 `medic-sms/messages_by_gateway_ref` view when it exists.
 
+A message is the same message when its id, `from` and `content` are the same: a repeated call
+(a retry) is answered as a duplicate. CHT's documented flow body sends the flow *run's* UUID as
+the id, which a flow that calls the webhook twice in one run repeats for a different message:
+such a message is stored as its own report under `<_id>~<digest of from and content>`, so a
+retry of it is recognised too, and `webhook_id_reused` is logged. (A flow that sends the same
+text from the same number twice in one run under one id cannot be told from a retry: the
+README's flow body sends the message's own id, `input.uuid`.)
+
 Deliberate differences from CHT (whose answers send RapidPro's flow down its failure branch):
-a duplicate answers 200 `{"saved": 0, "duplicate": true}` (CHT: 400), malformed JSON answers 400
-(CHT: 500), and a CouchDB outage answers 503 (CHT: 500). Every error body is CHT's JSON shape
+a duplicate answers 200 `{"saved": 0, "duplicate": true}` (CHT: 400), another message under a
+known id is stored (CHT: dropped), malformed JSON answers 400 (CHT: 500), a CouchDB outage
+answers 503 (CHT: 500), and an answer comes within `webhook_timeout_s`, below RapidPro's 15 s
+(CHT waits as long as CouchDB takes). Every error body is CHT's JSON shape
 `{"code": n, "error": "..."}`.
 
 The key is checked against the last `rapidpro:incoming` read from CouchDB. While the credentials
@@ -18,11 +28,14 @@ key is not the caller's fault as far as we know: the answer is a retryable 503, 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import re
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -30,7 +43,7 @@ from aiohttp import web
 from .cht.records import create_by_form
 from .chtconfig import ChtConfig
 from .couch.client import BulkWriter, CouchClient
-from .errors import GatewayError
+from .errors import GatewayError, RetryableError
 from .logs import get_logger
 from .metrics import Metrics
 
@@ -53,6 +66,26 @@ class WebhookError(Exception):
         self.error = error
 
 
+def reused_id_doc_id(message: dict[str, Any]) -> str:
+    """The `_id` of a message whose RapidPro id an earlier, different message has.
+
+    `~` never occurs in `doc_id_for`'s ids, so these cannot meet another message's `_id`; the
+    digest of `from` and `content` makes a retry of the same call land on the same `_id`.
+    """
+    identity = json.dumps([message["from"], message["content"]]).encode()
+    return f"{doc_id_for(message['id'])}~{hashlib.sha256(identity).hexdigest()[:32]}"
+
+
+def same_message(doc: dict[str, Any], message: dict[str, Any]) -> bool:
+    """Whether a stored report (ours or CHT's) holds this message: same sender, same text."""
+    sms = doc.get("sms_message")
+    return (
+        isinstance(sms, dict)
+        and sms.get("from") == message["from"]
+        and sms.get("message") == message["content"]
+    )
+
+
 def doc_id_for(message_id: str | int) -> str:
     """The report's `_id` for a RapidPro message id (a run uuid in CHT's flow set-up).
 
@@ -67,24 +100,54 @@ def doc_id_for(message_id: str | int) -> str:
     return f"sms-rapidpro:sha256:{digest}"
 
 
+@dataclass(slots=True)
+class _Request:
+    """What one webhook call got to, for its canonical log line."""
+
+    doc_id: str | None = None
+
+
 class IncomingWebhook:
     """The request handler; one instance per daemon."""
 
     def __init__(
-        self, couch: CouchClient, writer: BulkWriter, cht: ChtConfig, metrics: Metrics
+        self,
+        couch: CouchClient,
+        writer: BulkWriter,
+        cht: ChtConfig,
+        metrics: Metrics,
+        *,
+        timeout_s: float,
     ) -> None:
         self._couch = couch
         self._writer = writer  # group commit: concurrent deliveries share `_bulk_docs` requests
         self._cht = cht
         self._metrics = metrics
+        self._timeout_s = timeout_s
         self._has_ref_view: bool | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
+        call = _Request()
+        deadline = asyncio.timeout(self._timeout_s)
         try:
-            status, body, outcome = 200, await self._accept(request), "saved"
-            if body.get("duplicate"):
-                outcome = "duplicate"
+            # RapidPro waits 15 s, then takes the flow's failure branch and never calls again:
+            # an answer after that is lost, whatever it says. So CouchDB gets `timeout_s`
+            # (< 15 s); a write it has not confirmed by then may still land, and a retry of
+            # the call then finds it (the `_id` is derived from the message).
+            async with deadline:
+                body = await self._accept(request, call)
+            status, outcome = 200, ("duplicate" if body.get("duplicate") else "saved")
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            status, outcome = 503, "unconfirmed"
+            body = {
+                "code": 503,
+                "error": f"Not confirmed in time: the database did not answer within "
+                f"{self._timeout_s:g} s. The message may still be saved; calling again with "
+                "the same id is safe",
+            }
         except WebhookError as exc:
             status, body, outcome = exc.status, {"code": exc.status, "error": exc.error}, "refused"
         self._metrics.webhook_requests.labels(code=str(status)).inc()
@@ -93,12 +156,12 @@ class IncomingWebhook:
             outcome=outcome,
             status=status,
             error=body.get("error"),
-            doc_id=body.pop("_doc_id", None),
+            doc_id=call.doc_id,
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return web.json_response(body, status=status)
 
-    async def _accept(self, request: web.Request) -> dict[str, Any]:
+    async def _accept(self, request: web.Request, call: _Request) -> dict[str, Any]:
         given = _TOKEN.match(request.headers.get("Authorization", ""))
         if given is None:
             raise WebhookError(403, "Missing authorization token")
@@ -118,25 +181,44 @@ class IncomingWebhook:
         message = await _read_message(request)
         if not self._cht.settings_loaded:
             raise WebhookError(503, "Starting up: app settings not loaded yet, try again")
-        return await self._store(message)
-
-    async def _store(self, message: dict[str, Any]) -> dict[str, Any]:
-        doc_id = doc_id_for(message["id"])
         try:
-            if await self._seen_by_cht(message["id"]):
-                return {"saved": 0, "duplicate": True, "_doc_id": None}
-            doc = self._report(message)
-            doc["_id"] = doc_id
-            result = await self._writer.write(doc)
+            return await self._store(message, call)
         except GatewayError as exc:
-            log.warning("webhook_store_failed", doc_id=doc_id, error=str(exc))
+            log.warning("webhook_store_failed", doc_id=call.doc_id, error=str(exc))
             raise WebhookError(503, "Message was not saved: the database is unavailable") from exc
+
+    async def _store(self, message: dict[str, Any], call: _Request) -> dict[str, Any]:
+        """Write the report once: under the id's own `_id`, or, when a different message
+        already has that, under `reused_id_doc_id` (see the module docstring)."""
+        if await self._seen_by_cht(message):
+            return {"saved": 0, "duplicate": True}
+        first = call.doc_id = doc_id_for(message["id"])
+        if await self._write(first, message):
+            return {"saved": 1}
+        existing = await self._couch.get(first)
+        if existing is None:
+            # Refused as a conflict, yet not readable: a cluster copy behind the one that
+            # refused it, or a delete in between. Retrying will tell.
+            raise RetryableError(f"write {first}: conflict, but no document to compare")
+        if same_message(existing, message):
+            return {"saved": 0, "duplicate": True}
+        call.doc_id = reused_id_doc_id(message)
+        if not await self._write(call.doc_id, message):
+            return {"saved": 0, "duplicate": True}  # this message, stored by an earlier call
+        log.warning("webhook_id_reused", doc_id=call.doc_id, first_doc_id=first)
+        return {"saved": 1}
+
+    async def _write(self, doc_id: str, message: dict[str, Any]) -> bool:
+        """Create the report as `doc_id`: True if written, False if the id exists."""
+        doc = self._report(message)
+        doc["_id"] = doc_id
+        result = await self._writer.write(doc)
         if result.conflict:  # the id exists: CouchDB itself keeps the copies to one
-            return {"saved": 0, "duplicate": True, "_doc_id": doc_id}
+            return False
         if not result.ok:
             log.warning("webhook_store_refused", doc_id=doc_id, error=result.error)
             raise WebhookError(503, "Message was not saved: the database refused it")
-        return {"saved": 1, "_doc_id": doc_id}
+        return True
 
     def _report(self, message: dict[str, Any]) -> dict[str, Any]:
         data = {
@@ -144,6 +226,8 @@ class IncomingWebhook:
             "message": message["content"],
             "gateway_ref": message["id"],
         }
+        if "sent_timestamp" in message:
+            data["sent_timestamp"] = message["sent_timestamp"]
         settings = self._cht.app_settings
         try:
             return create_by_form(data, settings=settings, translate=self._cht.translator())
@@ -153,14 +237,19 @@ class IncomingWebhook:
             log.error("webhook_parse_failed", error_type=type(exc).__name__)
             return create_by_form(data, settings={**settings, "forms": {}})
 
-    async def _seen_by_cht(self, message_id: Any) -> bool:
-        """Whether CHT itself already stored this id (`medic-sms/messages_by_gateway_ref`)."""
+    async def _seen_by_cht(self, message: dict[str, Any]) -> bool:
+        """Whether CHT itself already stored this message (`medic-sms/messages_by_gateway_ref`:
+        a report with this id, sender and text)."""
         if self._has_ref_view is None:
             self._has_ref_view = await self._couch.has_view("medic-sms", "messages_by_gateway_ref")
         if not self._has_ref_view:
             return False
-        rows = await self._couch.view("medic-sms", "messages_by_gateway_ref", keys=[message_id])
-        return bool(rows)
+        rows = await self._couch.view(
+            "medic-sms", "messages_by_gateway_ref", keys=[message["id"]], include_docs=True
+        )
+        return any(
+            isinstance(row.get("doc"), dict) and same_message(row["doc"], message) for row in rows
+        )
 
 
 async def _read_message(request: web.Request) -> dict[str, Any]:
@@ -184,4 +273,49 @@ async def _read_message(request: web.Request) -> dict[str, Any]:
             raise WebhookError(
                 400, f'Message was not saved: missing required field "{field}" (a non-empty string)'
             )
-    return {field: body[field] for field in _FIELDS}
+        if isinstance(value, str) and not _storable(value):
+            # CouchDB answers `400 invalid UTF-8 JSON` to it (and refuses the whole
+            # `_bulk_docs` request it shares with other messages): no retry can store it.
+            raise WebhookError(
+                400,
+                f'Message was not saved: "{field}" is not valid Unicode text (it holds a lone '
+                "UTF-16 surrogate, which cannot be stored)",
+            )
+    message = {field: body[field] for field in _FIELDS}
+    if body.get("sent_timestamp") is not None:
+        message["sent_timestamp"] = _sent_timestamp(body["sent_timestamp"])
+    return message
+
+
+def _storable(text: str) -> bool:
+    """Whether `text` is Unicode that UTF-8 can carry (JSON's `\\ud800` escapes and Python's
+    decoder let lone surrogates through; CouchDB refuses them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _sent_timestamp(value: Any) -> int:
+    """The optional `sent_timestamp` (when RapidPro received the SMS, e.g. the flow's
+    `input.created_on`) as epoch milliseconds: CHT's `reported_date` of the report.
+
+    An ISO 8601 time with its zone, or epoch milliseconds; anything else is refused (400) so
+    that a mistyped flow body is noticed at once, not stored with a wrong date.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**14:
+        return value
+    if isinstance(value, str) and _storable(value):
+        try:
+            moment = datetime.fromisoformat(value.strip())
+        except ValueError:
+            moment = None
+        if moment is not None and moment.tzinfo is not None:
+            return round(moment.timestamp() * 1000)
+    raise WebhookError(
+        400,
+        'Message was not saved: "sent_timestamp" must be an ISO 8601 time with its zone '
+        "(e.g. 2025-01-31T09:30:00.000000Z, as @input.created_on gives it) or epoch "
+        "milliseconds",
+    )

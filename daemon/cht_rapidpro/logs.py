@@ -19,6 +19,13 @@ LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 
 
+def _drop_none(_: Any, __: str, event: EventDict) -> EventDict:
+    """Leave out keys whose value is None: logfmt would show `problem=` (nothing to say)."""
+    for key in [key for key, value in event.items() if value is None]:
+        del event[key]
+    return event
+
+
 def _journald_priority(_: Any, method: str, event: EventDict) -> EventDict:
     level = str(event.get("level", method))
     event["_priority"] = _PRIORITY.get(level, 6)
@@ -60,6 +67,7 @@ def configure(
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        _drop_none,
     ]
     if not journald:  # journald stamps each line itself
         shared.append(structlog.processors.TimeStamper(fmt="iso", utc=True))

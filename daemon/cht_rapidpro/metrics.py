@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+
+# Every counter and histogram would export a `<name>_created` series holding the process's
+# start time: noise in `/metrics` (and a series per label set) that no alert or dashboard
+# uses. prometheus_client has no per-registry switch; this process exports only ours.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
 
 class Metrics:

@@ -99,6 +99,7 @@ async def test_gate_open_with_url_and_credential(couch: CouchAdmin, client: Couc
             "not an http(s) URL",
         ),
         ({"outgoing_service": "cht-rapidpro", "rapidpro": {"url": "http://rp"}}, "No api key"),
+        ({"rapidpro": {"url": "http://rp"}}, "sms.outgoing_service is not set, not 'cht-rapidpro'"),
     ],
     ids=[
         "other-service",
@@ -107,6 +108,7 @@ async def test_gate_open_with_url_and_credential(couch: CouchAdmin, client: Couc
         "no-url",
         "bad-url",
         "no-credential",
+        "no-service",
     ],
 )
 async def test_gate_closed_with_actionable_reason(

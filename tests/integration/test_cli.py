@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import urllib.parse
 from pathlib import Path
@@ -117,7 +118,7 @@ async def test_check_all_ok_with_cht_set_up_and_a_running_daemon(
     out = io.StringIO()
     assert await run_check(settings, out=out) == EX_OK
     table = out.getvalue()
-    assert "all 10 checks passed" in table
+    assert "all 11 checks passed" in table
     assert "FAIL" not in table and "fix:" not in table
     assert "CHT 4.x vault" in table
     for secret in (DEFAULT_TOKEN, INCOMING_KEY, "secret"):  # nor CouchDB's admin password
@@ -132,6 +133,7 @@ async def test_check_all_ok_with_cht_set_up_and_a_running_daemon(
         "cht.settings": "ok",
         "cht.outgoing_service": "ok",
         "cht.rapidpro_url": "ok",
+        "cht.phone_numbers": "ok",
         "cht.credential.rapidpro:outgoing": "ok",
         "cht.credential.rapidpro:incoming": "ok",
         "rapidpro.api": "ok",
@@ -601,3 +603,174 @@ async def test_every_command_has_help_with_its_exit_codes(command: str) -> None:
     assert out.startswith(f"usage: cht-rapidpro {command}")
     assert "exit codes:" in out
     assert f"{EX_USAGE}  wrong arguments" in out
+
+
+async def test_the_main_help_lists_every_exit_code_run_can_return() -> None:
+    code, out, _ = await cli("--help")
+    assert code == EX_OK
+    codes = out.split("exit codes:", 1)[1]
+    for number in (EX_OK, EX_FAILED, EX_USAGE, EX_UNAVAILABLE, 70, 71, EX_TEMPFAIL, EX_CONFIG):
+        assert re.search(rf"^  {number} +\S", codes, re.MULTILINE), number
+    # Each number setting shows its range.
+    assert "CHT_RAPIDPRO_CLOCK_SKEW\n" in out and "(from 0 to 86400 seconds; default: 120.0)" in out
+
+
+@pytest.mark.parametrize("command", ["check-config", "run", "status"])
+async def test_config_may_follow_the_command(tmp_path: Path, command: str) -> None:
+    config = tmp_path / "f.toml"
+    config.write_text("port = 0\n")  # refused: so every command stops at the settings
+    code, _, err = await cli(command, "--config", str(config),
+                             env={"COUCH_URL": "http://a:b@127.0.0.1:9/medic"})  # fmt: skip
+    assert code == EX_CONFIG, err
+    assert "port (config file): '0' is out of range" in err
+
+
+async def test_check_config_reads_a_config_given_after_the_command(tmp_path: Path) -> None:
+    config = tmp_path / "f.toml"
+    config.write_text("port = 6010\n")
+    env = {"COUCH_URL": "http://a:b@127.0.0.1:9/medic"}
+    for args in (("check-config", "--config", str(config)),
+                 ("--config", str(config), "check-config")):  # fmt: skip
+        code, out, err = await cli(*args, env=env)
+        assert code == EX_OK, err
+        assert json.loads(out)["listen_port"] == 6010
+
+
+# -- settings `run` cannot use: exit 78 from check-config and run, never a traceback ------
+
+
+BAD_SETTINGS = [
+    {"CHT_RAPIDPRO_CLOCK_SKEW": "nan"},
+    {"CHT_RAPIDPRO_CLOCK_SKEW": "1e300"},
+    {"CHT_RAPIDPRO_CLAIM_TTL": "1e300"},
+    {"CHT_RAPIDPRO_MAX_TRACKING": "1e300"},
+    {"CHT_RAPIDPRO_SENT_GRACE": "1e300"},
+    {"CHT_RAPIDPRO_POLL_INTERVAL": "1e308"},
+    {"CHT_RAPIDPRO_PORT": "0"},
+    {"CHT_RAPIDPRO_PORT": "\u0665\u0669\u0668\u0669"},
+    {"CHT_RAPIDPRO_POLL_INTERVAL": "1_0"},
+    {"CHT_RAPIDPRO_HOST": "999.1.1.1"},
+    {"CHT_RAPIDPRO_HOST": "no-such-host.invalid"},  # RFC 6761: never resolves
+    {"CHT_RAPIDPRO_HOST": "192.0.2.1"},  # TEST-NET-1: not an address of this machine
+    {"COUCH_URL": "http://admin:x/Secret@127.0.0.1:5984/medic"},
+]
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize("bad", BAD_SETTINGS, ids=lambda bad: "=".join(next(iter(bad.items()))))
+async def test_settings_run_cannot_use_exit_78(
+    couch: CouchAdmin, command: str, bad: dict[str, str]
+) -> None:
+    env = {"COUCH_URL": couch.couch_url, "CHT_RAPIDPRO_PORT": str(free_port()), **bad}
+    code, out, err = await cli(command, env=env)
+    assert code == EX_CONFIG, out + err
+    assert err.startswith("configuration error (1 problem):\n"), err
+    assert next(iter(bad)) + ": " in err
+    assert "Traceback" not in out + err and "Secret" not in err
+
+
+def _latin1_couch_url(path: Path) -> dict[str, str]:
+    path.write_bytes(b"http://admin:s\xe9cret@127.0.0.1:5984/medic\n")
+    return {"COUCH_URL_FILE": str(path)}
+
+
+def _utf16_couch_url(path: Path) -> dict[str, str]:
+    path.write_bytes("http://admin:secret@127.0.0.1:5984/medic\n".encode("utf-16"))
+    return {"COUCH_URL_FILE": str(path)}
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize("source", ["latin-1 file", "utf-16 file", "latin-1 toml", "utf-16 toml"])
+async def test_settings_that_are_not_utf8_exit_78_with_a_clear_message(
+    tmp_path: Path, command: str, source: str
+) -> None:
+    args: tuple[str, ...] = (command,)
+    env = {"COUCH_URL": "http://admin:secret@127.0.0.1:5984/medic"}
+    if source == "latin-1 file":
+        env = _latin1_couch_url(tmp_path / "couch_url")
+    elif source == "utf-16 file":
+        env = _utf16_couch_url(tmp_path / "couch_url")
+    else:
+        config = tmp_path / "f.toml"
+        text = 'instance = "caf\u00e9"\n'
+        config.write_bytes(text.encode("latin-1" if source == "latin-1 toml" else "utf-16"))
+        args = (command, "--config", str(config))
+    code, out, err = await cli(*args, env=env)
+    assert code == EX_CONFIG, out + err
+    assert "Traceback" not in out + err
+    assert ("is UTF-16 text" if "utf-16" in source else "is not UTF-8 text (byte 0xe9") in err
+    assert "save it as UTF-8" in err
+
+
+# -- check: what it did not say (issue item 10) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("app_settings", "status", "details"),
+    [
+        (
+            {"default_country_code": 254, "phone_validation": "partial"},
+            "ok",
+            ["default_country_code 254 (KE), phone_validation 'partial'"],
+        ),
+        (
+            {},
+            "warn",
+            [
+                "default_country_code is not set: a number without its +country code cannot "
+                "be normalised",
+                "phone_validation is not set: CHT validates numbers fully ('full')",
+            ],
+        ),
+        (
+            {"default_country_code": "+254", "phone_validation": "Partial"},
+            "warn",
+            ["default_country_code '+254' is not a country calling code as CHT reads it"],
+        ),
+        (
+            {"default_country_code": "254", "phone_validation": "strict"},
+            "warn",
+            ["phone_validation 'strict' is not 'full', 'partial' or 'none'"],
+        ),
+    ],
+    ids=["set", "missing", "plus-sign", "unknown-mode"],
+)
+async def test_check_warns_about_phone_settings(
+    couch: CouchAdmin, app_settings: dict[str, Any], status: str, details: list[str]
+) -> None:
+    await couch.put_settings(sms={"outgoing_service": "cht-rapidpro"}, **app_settings)
+    _, rows = await check_json(settings_for(couch))
+    row = rows["cht.phone_numbers"]
+    assert row["status"] == status
+    for detail in details:
+        assert detail in row["detail"]
+    if status == "warn":
+        assert "in app settings" in row["fix"]
+    if "default_country_code" in details[0] and status == "warn":
+        assert "e.g. 254" in row["fix"]
+
+
+async def test_check_shows_an_unset_outgoing_service_as_not_set(couch: CouchAdmin) -> None:
+    await couch.put_settings(sms={"rapidpro": {"url": "https://textit.com"}})
+    _, rows = await check_json(settings_for(couch))
+    row = rows["cht.outgoing_service"]
+    assert row["status"] == "fail"
+    assert row["detail"].startswith("is not set, but CHT_RAPIDPRO_SERVICE is 'cht-rapidpro'")
+    assert "None" not in row["detail"]
+
+
+async def test_check_says_how_long_a_silent_couchdb_was_waited_for() -> None:
+    """A server that accepts the connection and never answers: `TimeoutError: ` said
+    nothing."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://admin:pass@127.0.0.1:{silent.getsockname()[1]}/medic"
+        settings = Settings.from_env(
+            {"COUCH_URL": url, "CHT_RAPIDPRO_COUCH_TIMEOUT": "0.5",
+             "CHT_RAPIDPRO_PORT": str(free_port())}
+        )  # fmt: skip
+        _, rows = await check_json(settings)
+    row = rows["couch.reachable"]
+    assert row["status"] == "fail"
+    assert row["detail"].endswith(": server info: no answer within 0.5 s"), row["detail"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import re
 import signal
 import socket
 import sys
@@ -11,7 +13,10 @@ from collections import Counter
 from typing import Any
 
 import aiohttp
+from structlog.testing import capture_logs
 
+from cht_rapidpro.app import listen_failure, serve
+from cht_rapidpro.config import Settings
 from cht_rapidpro.sandbox import DEFAULT_TOKEN
 from pouchdb import free_port
 from support import CouchAdmin, all_tasks, eventually, message_doc, task
@@ -134,3 +139,75 @@ async def test_port_in_use_exits_71(couch: CouchAdmin) -> None:
         out, _ = await proc.communicate()
     assert proc.returncode == 71
     assert b"listen_failed" in out
+
+
+async def test_an_address_that_is_not_this_machines_exits_78_not_71(couch: CouchAdmin) -> None:
+    """Issue item 6: `run` answered a listen address of another machine with 71 ("port
+    taken"), which systemd retries for ever. `serve` itself, past the CLI's check."""
+    settings = Settings.from_env(
+        {
+            "COUCH_URL": couch.couch_url,
+            "CHT_RAPIDPRO_HOST": "192.0.2.1",  # TEST-NET-1: no machine's address
+            "CHT_RAPIDPRO_PORT": str(free_port()),
+            "CHT_RAPIDPRO_INSTANCE": "elsewhere",
+        }
+    )
+    with capture_logs() as logs:
+        assert await serve(settings) == 78
+    [failed] = [line for line in logs if line["event"] == "listen_failed"]
+    assert failed["exit_code"] == 78
+    assert "not an address of this machine" in failed["hint"]
+
+
+def _bind_error(host: str, port: int) -> OSError:
+    try:
+        with socket.socket() as sock:
+            sock.bind((host, port))
+    except OSError as exc:
+        return exc
+    raise AssertionError("bound")
+
+
+def test_listen_failures_are_configuration_errors_except_a_port_in_use() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        in_use = _bind_error("127.0.0.1", busy.getsockname()[1])
+    try:
+        socket.getaddrinfo("no-such-host.invalid", 5989)
+        raise AssertionError("resolved")
+    except socket.gaierror as exc:
+        unresolvable = exc
+    assert listen_failure(in_use)[0] == 71
+    assert listen_failure(unresolvable)[0] == 78
+    assert listen_failure(_bind_error("192.0.2.1", 0))[0] == 78
+    assert listen_failure(OSError(errno.EACCES, "Permission denied"))[0] == 78
+
+
+async def test_a_normal_start_logs_no_false_alarm_and_no_empty_keys(
+    cht: CouchAdmin, rapidpro: Any
+) -> None:
+    """Issue item 10: every start logged `sending_disabled reason="reading the RapidPro
+    credentials"` (a transitional state, not a problem), and keys without a value rendered
+    as `problem=`."""
+    port = free_port()
+    proc = await start_process(cht.couch_url, port)
+    output = asyncio.ensure_future(proc.stdout.read())  # type: ignore[union-attr]
+    await eventually(lambda: healthz(port), lambda status: status == 200, what="healthy")
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 15) == 0
+    lines = (await output).decode().splitlines()
+    events = [line for line in lines if "event=" in line]
+    assert any("event=sending_enabled" in line for line in events)
+    assert any("event=credential_loaded" in line for line in events)
+    assert not [line for line in events if "event=sending_disabled" in line]
+    empty = [line for line in events if re.search(r" [a-z_]+=(?= |$)", line)]
+    assert empty == []
+
+
+async def test_metrics_have_no_created_series(daemon_factory: Any, cht: CouchAdmin) -> None:
+    daemon = await daemon_factory()
+    async with aiohttp.ClientSession() as session, session.get(daemon.url + "/metrics") as resp:
+        text = await resp.text()
+    assert "chtrp_messages_sent_total 0.0" in text
+    assert "_created" not in text

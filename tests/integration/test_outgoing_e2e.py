@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cht_rapidpro.config import OPTIONS, Bounded
 from cht_rapidpro.sandbox import DEFAULT_TOKEN
 from support import (
     MESSAGES_BY_STATE,
@@ -440,3 +441,25 @@ async def test_health_and_metrics_endpoints(
     assert "chtrp_rapidpro_requests_total{" in text
     # One broadcast taken from the default budget of 3000 an hour.
     assert 'chtrp_rapidpro_budget_remaining{scope="broadcasts"} 2999.0' in text
+
+
+async def test_the_largest_allowed_settings_send_track_and_deliver(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    """Issue item 3: values such as CLAIM_TTL=1e300 or SENT_GRACE=1e300 passed check-config
+    and then crashed the sender's constructor or the poller. Each upper bound the settings
+    now allow must work: a message goes out and is tracked to delivered, no worker crashes
+    (`daemon_factory` asserts no fatal exit). Only the poll interval and the timings a
+    test waits on stay short."""
+    highest = {
+        option.env: str(int(option.parse.high) if option.parse.whole else option.parse.high)
+        for option in OPTIONS
+        if isinstance(option.parse, Bounded)
+        and option.name not in ("poll_interval_s", "checkpoint_interval_s", "listen_port")
+    }
+    daemon = await daemon_factory(**highest)
+    assert daemon.settings.claim_ttl_s == 86400 and daemon.settings.sent_grace_s == 30 * 86400
+    doc = message_doc([task("+254700000001", "at the limits")])
+    await cht.put(doc)
+    await wait_states(cht, doc["_id"], ["delivered"])
+    assert daemon.fatal == []

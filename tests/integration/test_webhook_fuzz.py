@@ -112,12 +112,17 @@ json_values = st.recursive(
     ),
     max_leaves=8,
 )
+#: Text with a lone surrogate in it (JSON's "\ud800"), which CouchDB refuses to store.
+any_text = st.tuples(
+    st.text(max_size=10), st.characters(categories=["Cs"]), st.text(max_size=10)
+).map("".join)
 message_like = st.fixed_dictionaries(
     {},
     optional={
-        "id": json_values | st.uuids().map(str),
-        "from": json_values | st.just("+254712345678"),
-        "content": json_values | st.text(max_size=200),
+        "id": json_values | st.uuids().map(str) | any_text,
+        "from": json_values | st.just("+254712345678") | any_text,
+        "content": json_values | st.text(max_size=200) | any_text,
+        "sent_timestamp": json_values | st.datetimes().map(lambda moment: moment.isoformat()),
     },
 )
 bodies = (

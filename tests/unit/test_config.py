@@ -9,7 +9,15 @@ from typing import Any
 import pytest
 from yarl import URL
 
-from cht_rapidpro.config import OPTIONS, PREFIX, CouchTarget, Settings, parse_couch_url
+from cht_rapidpro.config import (
+    OPTIONS,
+    PREFIX,
+    Bounded,
+    CouchTarget,
+    Settings,
+    check_listen_address,
+    parse_couch_url,
+)
 from cht_rapidpro.errors import ConfigError
 
 COUCH = "http://admin:s3cret@127.0.0.1:5984/medic"
@@ -60,7 +68,6 @@ def test_unrelated_environment_is_ignored() -> None:
         ("HOST", "0.0.0.0", "listen_host", "0.0.0.0"),  # noqa: S104
         ("PORT", "6000", "listen_port", 6000),
         ("PORT", " 6000 ", "listen_port", 6000),
-        ("PORT", "0", "listen_port", 0),
         ("SERVICE", "textit-daemon", "service", "textit-daemon"),
         ("NO_CHT_API", "true", "no_cht_api", True),
         ("NO_CHT_API", "No", "no_cht_api", False),
@@ -84,6 +91,11 @@ def test_unrelated_environment_is_ignored() -> None:
         ("RETRY_MAX", "60", "retry_max_s", 60.0),
         ("SHUTDOWN_GRACE", "3", "shutdown_grace_s", 3.0),
         ("WEBHOOK_MAX_BYTES", "1024", "webhook_max_bytes", 1024),
+        ("WEBHOOK_TIMEOUT", "5", "webhook_timeout_s", 5.0),
+        ("HOST", "::1", "listen_host", "::1"),
+        ("HOST", "cht-gateway.example.org", "listen_host", "cht-gateway.example.org"),
+        ("POLL_INTERVAL", "1e2", "poll_interval_s", 100.0),
+        ("PORT", "+6000", "listen_port", 6000),
     ],
     ids=lambda value: str(value) if isinstance(value, str) and value.isupper() else None,
 )
@@ -413,3 +425,209 @@ def test_claim_ttl_must_outlive_a_send() -> None:
     env = {**BASE, "CHT_RAPIDPRO_CLAIM_TTL": "30", "CHT_RAPIDPRO_SEND_TIMEOUT": "20"}
     (problem,) = problems(env)
     assert problem.startswith("CHT_RAPIDPRO_CLAIM_TTL (30) must be at least twice")
+
+
+# --------------------------------------------------------------------------- bounds (item 3)
+
+
+@pytest.mark.parametrize(
+    ("var", "raw"),
+    [
+        # Accepted by check-config, then crashed `run` (exit 1 or 70, a systemd restart loop).
+        ("CLOCK_SKEW", "nan"),
+        ("CLOCK_SKEW", "inf"),
+        ("CLOCK_SKEW", "1e300"),
+        ("CLAIM_TTL", "1e300"),
+        ("MAX_TRACKING", "1e300"),
+        ("SENT_GRACE", "1e300"),
+        ("POLL_INTERVAL", "1e308"),
+        ("PORT", "0"),
+        # Python's int() and float() take these; no operator means them.
+        ("PORT", "\u0665\u0669\u0668\u0669"),  # Arabic-Indic 5989
+        ("SEND_CONCURRENCY", "\u0661\u0666"),
+        ("POLL_INTERVAL", "1_0"),
+        ("FEED_BATCH", "1_000"),
+        ("POLL_INTERVAL", "0x10"),
+        ("CLOCK_SKEW", "-nan"),
+        ("PORT", "9" * 5000),  # beyond int()'s digit limit
+        # The remaining upper bounds.
+        ("SEND_CONCURRENCY", "100000"),
+        ("SEND_TIMEOUT", "301"),
+        ("BROADCASTS_PER_HOUR", "1e9"),
+        ("MESSAGES_PER_HOUR", "10000000"),
+        ("CREDENTIALS_REFRESH", "1e10"),
+        ("CHECKPOINT_INTERVAL", "0"),
+        ("FEED_HEARTBEAT", "60"),  # a quiet long poll (6 heartbeats) would starve the watchdog
+        ("COUCH_TIMEOUT", "1e6"),
+        ("RETRY_MAX", "1e300"),
+        ("SHUTDOWN_GRACE", "30"),  # beyond the unit's TimeoutStopSec=20
+        ("WEBHOOK_MAX_BYTES", "10"),
+        ("WEBHOOK_TIMEOUT", "15"),  # RapidPro has given up by then
+        ("WEBHOOK_TIMEOUT", "0"),
+        ("INSTANCE", "replica\na"),
+        ("INSTANCE", "x" * 201),
+        ("SERVICE", "cht\trapidpro"),
+    ],
+    ids=lambda value: value[:20] if isinstance(value, str) else None,
+)
+def test_values_run_cannot_use_are_refused(var: str, raw: str) -> None:
+    (problem,) = problems({**BASE, PREFIX + var: raw})
+    assert problem.startswith(f"{PREFIX}{var}: ")
+    assert len(problem) < 300  # a huge value is not echoed in full
+
+
+def test_a_number_out_of_range_says_the_range() -> None:
+    (problem,) = problems({**BASE, "CHT_RAPIDPRO_CLOCK_SKEW": "1e300"})
+    assert problem == (
+        "CHT_RAPIDPRO_CLOCK_SKEW: '1e300' is out of range: must be from 0 to 86400 seconds"
+    )
+    (problem,) = problems({**BASE, "CHT_RAPIDPRO_PORT": "\u0665\u0669\u0668\u0669"})
+    assert problem.endswith("is not a whole number (digits 0-9)")
+
+
+NOT_NUMBERS = {
+    "couch",
+    "listen_host",
+    "service",
+    "no_cht_api",
+    "instance",
+    "log_level",
+    "log_format",
+}
+
+
+def test_every_number_setting_has_bounds() -> None:
+    for option in OPTIONS:
+        if option.name in NOT_NUMBERS:
+            continue
+        assert isinstance(option.parse, Bounded), option.env
+        # Both ends are valid settings.
+        for end in (option.parse.low, option.parse.high):
+            text = str(int(end)) if option.parse.whole else repr(float(end))
+            env = {**BASE, option.env: text}
+            if option.name == "claim_ttl_s":
+                env[PREFIX + "SEND_TIMEOUT"] = "0.5"
+            if option.name == "send_timeout_s":
+                env[PREFIX + "CLAIM_TTL"] = "600"
+            assert getattr(Settings.from_env(env), option.name) == end
+
+
+def test_toml_numbers_get_the_same_bounds(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, "clock_skew = nan\nsent_grace = 1e300\nport = 0\n")
+    found = problems_from_load(config, BASE)
+    assert [p.split(":", 1)[0] for p in found] == [
+        "port (config file)",
+        "sent_grace (config file)",
+        "clock_skew (config file)",
+    ]
+
+
+# ------------------------------------------------------------------------ listen address (item 6)
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["999.1.1.1", "1.2.3", "256.256.256.256", "bad host", "-leading.example", "a..b", "[::1]"],
+)
+def test_a_host_that_is_neither_an_address_nor_a_name_is_refused(host: str) -> None:
+    (problem,) = problems({**BASE, "CHT_RAPIDPRO_HOST": host})
+    assert problem.startswith("CHT_RAPIDPRO_HOST: ")
+    assert "neither an IP address nor a host name" in problem
+
+
+def test_listen_address_check() -> None:
+    assert check_listen_address("127.0.0.1", 5989) == []
+    assert check_listen_address("0.0.0.0", 5989) == []  # noqa: S104
+    assert check_listen_address("localhost", 5989) == []
+    (problem,) = check_listen_address("no-such-host.invalid", 5989)  # RFC 6761: never resolves
+    assert problem.startswith("CHT_RAPIDPRO_HOST: 'no-such-host.invalid' does not resolve")
+    (problem,) = check_listen_address("192.0.2.1", 5989)  # TEST-NET-1: not this machine's
+    assert "cannot be listened on" in problem and "Cannot assign requested address" in problem
+
+
+def test_listen_address_check_ignores_a_daemon_on_the_port() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert check_listen_address("127.0.0.1", busy.getsockname()[1]) == []
+
+
+# ------------------------------------------------------------------------ encodings (item 4)
+
+
+def test_a_settings_file_that_is_not_utf8_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "couch_url"
+    path.write_bytes(b"http://admin:s\xe9cret@127.0.0.1:5984/medic\n")  # latin-1 e-acute
+    (problem,) = problems({"COUCH_URL_FILE": str(path)})
+    assert problem == (
+        f"COUCH_URL_FILE: {path} is not UTF-8 text (byte 0xe9 at offset 14): save it as UTF-8"
+    )
+    assert "cret" not in problem  # never the content: it holds a password
+
+
+def test_a_utf16_settings_file_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "couch_url"
+    path.write_bytes(COUCH.encode("utf-16"))  # with its byte-order mark
+    (problem,) = problems({"COUCH_URL_FILE": str(path)})
+    assert problem == (
+        f"COUCH_URL_FILE: {path} is UTF-16 text (it starts with a UTF-16 byte-order mark): "
+        "save it as UTF-8"
+    )
+
+
+def test_a_utf8_byte_order_mark_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "couch_url"
+    path.write_bytes(b"\xef\xbb\xbf" + COUCH.encode())
+    assert Settings.from_env({"COUCH_URL_FILE": str(path)}).couch.password == "s3cret"
+    config = tmp_path / "f.toml"
+    config.write_bytes(b"\xef\xbb\xbfport = 6002\n")
+    assert Settings.load(str(config), env=BASE).listen_port == 6002
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b'poll_interval = 30\ninstance = "caf\xe9"\n', "is not UTF-8 text (byte 0xe9 at offset"),
+        ("port = 6002\n".encode("utf-16"), "is UTF-16 text"),
+    ],
+    ids=["latin-1", "utf-16"],
+)
+def test_a_toml_file_that_is_not_utf8(tmp_path: Path, content: bytes, expected: str) -> None:
+    config = tmp_path / "f.toml"
+    config.write_bytes(content)
+    (problem,) = problems_from_load(str(config), BASE)
+    assert problem.startswith(f"--config {config} {expected}")
+
+
+def test_an_environment_value_that_is_not_utf8(tmp_path: Path) -> None:
+    # os.environ keeps undecodable bytes as lone surrogates (PEP 383).
+    raw = b"http://admin:s\xe9cret@127.0.0.1:5984/medic".decode("utf-8", "surrogateescape")
+    (problem,) = problems({"COUCH_URL": raw})
+    assert problem == "COUCH_URL: is not valid UTF-8 text (an undecodable byte at character 14)"
+
+
+# ------------------------------------------------------------------------ COUCH_URL (item 10)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://admin:x/Secret@127.0.0.1:5984/medic",
+        "http://admin:x#Secret@127.0.0.1:5984/medic",
+        "http://admin:x?Secret@127.0.0.1:5984/medic",
+        "http://admin:12/9876@127.0.0.1:5984/medic",  # parses, as host 'admin' and port 12
+    ],
+    ids=["slash", "hash", "question-mark", "digits-then-slash"],
+)
+def test_an_unencoded_character_in_the_password_says_percent_encode(url: str) -> None:
+    (problem,) = problems({"COUCH_URL": url})
+    assert problem.startswith("COUCH_URL: ")
+    assert "must be percent-encoded ('/' as %2F, '?' as %3F, '#' as %23, '@' as %40)" in problem
+    assert "Secret" not in problem and "9876" not in problem  # nothing of the password
+    assert "port can't" not in problem
+
+
+def test_a_percent_encoded_password_is_decoded() -> None:
+    target = parse_couch_url("http://admin:pa%2Fs%23s%3F%40@127.0.0.1:5984/medic")
+    assert target.password == "pa/s#s?@"
+    assert target.db == "medic"

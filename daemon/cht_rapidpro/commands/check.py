@@ -24,6 +24,7 @@ from yarl import URL
 
 from ..cht import credentials as creds
 from ..cht.outgoing import CHT_OUTGOING_SERVICES
+from ..cht.phone import region_for
 from ..chtconfig import read_credential
 from ..config import Settings
 from ..couch.client import AccountLockedError, CouchClient, LoginFailedError, NotFoundError
@@ -45,6 +46,7 @@ from .common import (
 )
 
 OK, FAIL, WARN, SKIP = "ok", "fail", "warn", "skip"
+VALIDATION_MODES = ("full", "partial", "none")
 _LOCKED_FIX = (
     "wait: CouchDB unlocks the user by itself 5 minutes after the first failed login "
     "([chttpd_auth_lockout] max_lifetime), then run check again. Meanwhile find and stop "
@@ -92,6 +94,7 @@ class _Diagnosis:
         # Set once CouchDB refused the name or password, or reported the user locked: no
         # request after that (each failed login counts towards CouchDB's lockout).
         self._refused: LoginFailedError | AccountLockedError | None = None
+        self._couch_timeout_s = min(settings.couch_timeout_s, COMMAND_COUCH_TIMEOUT_S)
 
     def add(
         self, name: str, what: str, status: str, detail: str, fix: str | None = None
@@ -102,9 +105,7 @@ class _Diagnosis:
 
     async def run(self) -> None:
         settings = self.settings
-        couch = CouchClient.connect(
-            settings.couch, timeout_s=min(settings.couch_timeout_s, COMMAND_COUCH_TIMEOUT_S)
-        )
+        couch = CouchClient.connect(settings.couch, timeout_s=self._couch_timeout_s)
         try:
             self._reachable = await self._couch_reachable(couch)
             await self._couch_admin(couch)
@@ -112,6 +113,7 @@ class _Diagnosis:
             app = await self._app_settings(couch, db_ok)
             self._outgoing_service(app)
             url = self._rapidpro_url(app)
+            self._phone_settings(app)
             token = await self._credential(couch, creds.OUTGOING)
             await self._credential(couch, creds.INCOMING)
         finally:
@@ -144,7 +146,7 @@ class _Diagnosis:
                 "couch.reachable",
                 what,
                 FAIL,
-                f"{server}: {exc}",
+                f"{server}: {self._describe(exc)}",
                 "check the host and port in COUCH_URL, and that CouchDB is running and "
                 "reachable from this host",
             )
@@ -153,6 +155,15 @@ class _Diagnosis:
         shown = f" (CouchDB {version})" if isinstance(version, str) and "couchdb" in info else ""
         self.add("couch.reachable", what, OK, f"{server} answers{shown}")
         return True
+
+    def _describe(self, exc: GatewayError) -> str:
+        """The error; for a request that ran out of time, how long it waited (a bare
+        TimeoutError says nothing)."""
+        cause = exc.__cause__
+        if isinstance(cause, TimeoutError) and not str(cause):
+            what = str(exc).split(": ", 1)[0]
+            return f"{what}: no answer within {self._couch_timeout_s:g} s"
+        return str(exc)
 
     async def _couch_admin(self, couch: CouchClient) -> None:
         what = "CouchDB admin credentials"
@@ -174,14 +185,14 @@ class _Diagnosis:
             except (LoginFailedError, AccountLockedError) as exc:
                 self._refused = exc
             except AuthError as exc:
-                self.add("couch.admin", what, FAIL, f"user {user!r}: {exc}", fix)
+                self.add("couch.admin", what, FAIL, f"user {user!r}: {self._describe(exc)}", fix)
                 return
             except GatewayError as exc:
                 self.add(
                     "couch.admin",
                     what,
                     FAIL,
-                    f"user {user!r}: {exc}",
+                    f"user {user!r}: {self._describe(exc)}",
                     "CouchDB did not answer properly: see its answer and log, then retry",
                 )
                 return
@@ -228,7 +239,13 @@ class _Diagnosis:
             return False
         except GatewayError as exc:
             self._note_refusal(exc)
-            self.add("couch.db", what, FAIL, f"database {db!r}: {exc}", "see the rows above")
+            self.add(
+                "couch.db",
+                what,
+                FAIL,
+                f"database {db!r}: {self._describe(exc)}",
+                "see the rows above",
+            )
             return False
         self.add("couch.db", what, OK, f"{db!r} ({info.get('doc_count', '?')} documents)")
         return True
@@ -242,7 +259,7 @@ class _Diagnosis:
             app = await load_app_settings(couch)
         except GatewayError as exc:
             self._note_refusal(exc)
-            self.add("cht.settings", what, FAIL, str(exc), "see the rows above")
+            self.add("cht.settings", what, FAIL, self._describe(exc), "see the rows above")
             return None
         if app.source is None:
             self.add(
@@ -328,11 +345,12 @@ class _Diagnosis:
             if isinstance(actual, str) and actual.strip()
             else ""
         )
+        shown = "not set" if actual is None else repr(actual)
         self.add(
             "cht.outgoing_service",
             what,
             FAIL,
-            f"is {actual!r}, but CHT_RAPIDPRO_SERVICE is {wanted!r}: the daemon neither "
+            f"is {shown}, but CHT_RAPIDPRO_SERVICE is {wanted!r}: the daemon neither "
             "sends nor polls",
             f"set sms.outgoing_service to {wanted!r} in app settings{other}",
         )
@@ -378,6 +396,52 @@ class _Diagnosis:
         self.add("cht.rapidpro_url", what, OK, _public(url))
         return url
 
+    def _phone_settings(self, app: AppSettings | None) -> None:
+        """`default_country_code` and `phone_validation`, as CHT's normalisation reads them
+        (spec §3.7): every outgoing `to` and incoming `from` goes through it."""
+        what = "phone number settings"
+        if app is None:
+            self.add("cht.phone_numbers", what, SKIP, "no app settings")
+            return
+        values = app.values
+        problems: list[str] = []
+        fixes: list[str] = []
+        code = values.get("default_country_code")
+        region = region_for(code)
+        if code is None:
+            problems.append(
+                "default_country_code is not set: a number without its +country code cannot "
+                "be normalised, so a message to one fails (not sent) and an incoming one is "
+                "stored as written"
+            )
+        elif region == "ZZ":
+            problems.append(
+                f"default_country_code {code!r} is not a country calling code as CHT reads it "
+                "(a number or a string of digits, without + or a leading 0): numbers without "
+                "their +country code cannot be normalised"
+            )
+        if code is None or region == "ZZ":
+            fixes.append("set default_country_code in app settings, e.g. 254 for Kenya")
+        validation = values.get("phone_validation")
+        if validation is None:
+            problems.append("phone_validation is not set: CHT validates numbers fully ('full')")
+            fixes.append("set phone_validation to 'full', 'partial' or 'none' in app settings")
+        elif not isinstance(validation, str) or validation.lower() not in VALIDATION_MODES:
+            problems.append(
+                f"phone_validation {validation!r} is not 'full', 'partial' or 'none': CHT (and "
+                "the daemon) read it as 'full'"
+            )
+            fixes.append("set phone_validation to 'full', 'partial' or 'none' in app settings")
+        if problems:
+            self.add("cht.phone_numbers", what, WARN, "; ".join(problems), "; ".join(fixes))
+            return
+        self.add(
+            "cht.phone_numbers",
+            what,
+            OK,
+            f"default_country_code {code!r} ({region}), phone_validation {validation!r}",
+        )
+
     def _note_refusal(self, exc: GatewayError) -> None:
         if self._refused is None and isinstance(exc, LoginFailedError | AccountLockedError):
             self._refused = exc
@@ -403,7 +467,8 @@ class _Diagnosis:
         except GatewayError as exc:
             self._note_refusal(exc)
             fix = _LOCKED_FIX if isinstance(exc, AccountLockedError) else "retry"
-            self.add(f"cht.credential.{key}", what, FAIL, f"cannot be read: {exc}", fix)
+            detail = f"cannot be read: {self._describe(exc)}"
+            self.add(f"cht.credential.{key}", what, FAIL, detail, fix)
             return None
         if read.value:
             self.add(

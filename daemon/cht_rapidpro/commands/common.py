@@ -21,6 +21,8 @@ EX_OK = 0  # all well / delivered
 EX_FAILED = 1  # a check failed / the message failed
 EX_USAGE = 64  # wrong arguments
 EX_UNAVAILABLE = 69  # CouchDB (or another dependency) cannot be reached
+EX_SOFTWARE = 70  # `run`: a bug (systemd restarts the daemon)
+EX_OSERR = 71  # `run`: the listener's port is taken (systemd retries)
 EX_TEMPFAIL = 75  # `send`: no final state within --timeout (the message may still go)
 EX_CONFIG = 78  # the settings, COUCH_URL credentials or database name are wrong
 

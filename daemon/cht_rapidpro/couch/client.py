@@ -123,7 +123,8 @@ def mapped_errors(what: str) -> Iterator[None]:
             raise _from_status(what, cause.status, cause.message) from exc
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise RetryableError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        detail = str(exc) or "no answer in time"  # aiohttp's total timeout says nothing
+        raise RetryableError(f"{what}: {type(exc).__name__}: {detail}") from exc
 
 
 def _from_status(what: str, status: int, reason: str) -> GatewayError:
