@@ -50,7 +50,9 @@ log = get_logger(component="app")
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Sessions and clients first, workers last; unwound in reverse on shutdown."""
     settings = app[SETTINGS]
-    couch = CouchClient.connect(settings.couch, timeout_s=settings.couch_timeout_s)
+    couch = CouchClient.connect(
+        settings.couch, timeout_s=settings.couch_timeout_s, ca_file=settings.couch_ca_file
+    )
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=max(8, settings.send_concurrency * 2)),
         timeout=aiohttp.ClientTimeout(total=settings.send_timeout_s),

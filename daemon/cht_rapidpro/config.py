@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -148,6 +149,18 @@ def _non_empty(text: str) -> str:
     return value
 
 
+def _ca_file(text: str) -> Path:
+    """A PEM bundle of CA certificates, loaded once here so that a wrong file fails at start."""
+    path = Path(_non_empty(text))
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:  # an OSError too: before the others
+        raise ValueError(f"{path}: holds no PEM CA certificate ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    return path
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """One setting: its environment variable, parser, default and help text."""
@@ -165,6 +178,14 @@ OPTIONS: tuple[Option, ...] = (
         parse_couch_url,
         "CouchDB URL with admin credentials and the CHT db name, "
         "e.g. http://admin:pass@127.0.0.1:5984/medic (CHT's own convention). Required.",
+    ),
+    Option(
+        "couch_ca_file",
+        PREFIX + "COUCH_CA_FILE",
+        _ca_file,
+        "For an https:// COUCH_URL: a PEM file of the CA certificates to trust instead of the "
+        "system's, e.g. the deployment's own CA that signed CHT's nginx certificate. Every "
+        "CouchDB request (the daemon's and the commands') verifies the server against it.",
     ),
     Option(
         "listen_host",
@@ -311,6 +332,7 @@ class Settings:
     """Validated daemon settings. Build with `Settings.load()` or `Settings.from_env()`."""
 
     couch: CouchTarget
+    couch_ca_file: Path | None = None
     listen_host: str = "127.0.0.1"
     listen_port: int = 5989
     service: str = "cht-rapidpro"
