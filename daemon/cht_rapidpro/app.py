@@ -55,7 +55,9 @@ EX_CONFIG = 78  # configuration: the unit's RestartPreventExitStatus=78 stops th
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """Sessions and clients first, workers last; unwound in reverse on shutdown."""
     settings = app[SETTINGS]
-    couch = CouchClient.connect(settings.couch, timeout_s=settings.couch_timeout_s)
+    couch = CouchClient.connect(
+        settings.couch, timeout_s=settings.couch_timeout_s, ca_file=settings.couch_ca_file
+    )
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=max(8, settings.send_concurrency * 2)),
         timeout=aiohttp.ClientTimeout(total=settings.send_timeout_s),
@@ -80,6 +82,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             on_fatal=app[ON_FATAL],
             identity=app.get(IDENTITY),
         )
+        _export_state(app[METRICS], gateway)
         components = app[COMPONENTS]
         components.gateway = gateway
         components.webhook = IncomingWebhook(
@@ -97,6 +100,14 @@ def gateway_of(app: web.Application) -> Gateway:
     gateway = app[COMPONENTS].gateway
     assert gateway is not None, "used before start-up"
     return gateway
+
+
+def _export_state(metrics: Metrics, gateway: Gateway) -> None:
+    """Gauges read at scrape time from the gateway's own state (as /healthz is)."""
+    metrics.healthy.set_function(lambda: float(gateway.health()[0]))
+    metrics.sending_paused.set_function(lambda: float(gateway.sender.refused))
+    metrics.unsent_messages.set_function(lambda: float(gateway.backlog.messages))
+    metrics.oldest_unsent_age.set_function(gateway.backlog.oldest_age_s)
 
 
 def _remaining(budget: Budget, scope: str) -> float:

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -270,6 +271,21 @@ def read_text_file(path: str) -> str:
         ) from None
 
 
+def _ca_file(text: str) -> Path:
+    """A PEM bundle of CA certificates, loaded once here so that a wrong file fails at start."""
+    value = text.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    path = Path(value)
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:  # an OSError too: before the others
+        raise ValueError(f"{path}: holds no PEM CA certificate ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    return path
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """One setting: its environment variable, parser, default and help text."""
@@ -287,6 +303,14 @@ OPTIONS: tuple[Option, ...] = (
         parse_couch_url,
         "CouchDB URL with admin credentials and the CHT db name, "
         "e.g. http://admin:pass@127.0.0.1:5984/medic (CHT's own convention). Required.",
+    ),
+    Option(
+        "couch_ca_file",
+        PREFIX + "COUCH_CA_FILE",
+        _ca_file,
+        "For an https:// COUCH_URL: a PEM file of the CA certificates to trust instead of the "
+        "system's, e.g. the deployment's own CA that signed CHT's nginx certificate. Every "
+        "CouchDB request (the daemon's and the commands') verifies the server against it.",
     ),
     Option(
         "listen_host",
@@ -452,6 +476,7 @@ class Settings:
     """Validated daemon settings. Build with `Settings.load()` or `Settings.from_env()`."""
 
     couch: CouchTarget
+    couch_ca_file: Path | None = None
     listen_host: str = "127.0.0.1"
     listen_port: int = 5989
     service: str = "cht-rapidpro"

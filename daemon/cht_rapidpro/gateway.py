@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .backlog import UnsentBacklog
 from .cht.state import IN_FLIGHT_STATES
 from .chtconfig import TRANSLATIONS_PREFIX, ChtConfig
 from .claims import Identity
@@ -49,12 +50,14 @@ class Dispatcher:
         index: InFlightIndex,
         presence: Presence,
         ledger: Ledger,
+        backlog: UnsentBacklog,
     ) -> None:
         self._ledger = ledger
         self._presence = presence
         self._cht = cht
         self._sender = sender
         self._index = index
+        self._backlog = backlog
 
     def handle_row(self, row: JsonDict, page: Page) -> None:
         doc_id = row.get("id")
@@ -62,6 +65,7 @@ class Dispatcher:
             return
         if row.get("deleted"):
             self._index.remove_doc(doc_id)
+            self._backlog.remove_doc(doc_id)
             if doc_id == "settings":
                 self._cht.apply_settings_doc({"_deleted": True})
             return
@@ -89,8 +93,10 @@ class Dispatcher:
             return
         if "tasks" not in doc and "scheduled_tasks" not in doc:
             self._index.remove_doc(doc_id)
+            self._backlog.remove_doc(doc_id)
             return
         self._index.update_doc(doc, self._cht.app_settings)
+        self._backlog.update_doc(doc)
         release = hold() if hold else None
         if not self._sender.offer(doc, release) and release:
             release()
@@ -188,6 +194,7 @@ class Gateway:
         )
         self.writer = BulkWriter(couch)
         self.index = InFlightIndex()
+        self.backlog = UnsentBacklog()
         self.identity = identity or Identity.new(settings.instance)
         self.presence = Presence(couch, settings.instance)
         # The workspace's RapidPro budget is shared with the other replicas and earlier runs.
@@ -216,7 +223,9 @@ class Gateway:
             on_accepted=self.sender.resolve_soon,
             on_written=self.sender.remember_write,
         )
-        self.dispatcher = Dispatcher(self.cht, self.sender, self.index, self.presence, self.ledger)
+        self.dispatcher = Dispatcher(
+            self.cht, self.sender, self.index, self.presence, self.ledger, self.backlog
+        )
         self.sweeper = Sweeper(couch, self.dispatcher)
         self.follower = ChangesFollower(
             couch,

@@ -122,6 +122,29 @@ class Metrics:
             "Seconds since the feed checkpoint was last saved.",
             registry=r,
         )
+        # Read at scrape time (set_function, wired in app.py): what /healthz and the
+        # alert rules in monitoring/ need as numbers.
+        self.healthy = Gauge(
+            "chtrp_healthy",
+            "1 while /healthz answers 200, 0 while it reports a problem (503).",
+            registry=r,
+        )
+        self.sending_paused = Gauge(
+            "chtrp_sending_paused",
+            "1 while RapidPro refuses the API token or URL in use (401/403/404 at the last "
+            "send, none accepted since): nothing is sent until the configuration changes.",
+            registry=r,
+        )
+        self.unsent_messages = Gauge(
+            "chtrp_unsent_messages",
+            "Messages seen pending or forwarded-to-gateway and not yet sent (feed and sweeps).",
+            registry=r,
+        )
+        self.oldest_unsent_age = Gauge(
+            "chtrp_oldest_unsent_age_seconds",
+            "Seconds the oldest of those messages has waited since it became pending (0: none).",
+            registry=r,
+        )
         self.send_latency = Histogram(
             "chtrp_send_seconds",
             "Time from picking a document up to RapidPro's answer.",

@@ -750,6 +750,13 @@ class OutgoingSender:
             return None
         return f"RapidPro refused the configuration: {self._pause_reason}"
 
+    @property
+    def refused(self) -> bool:
+        """Whether RapidPro refused the token or URL still in use at the last send, with no
+        send accepted since: unlike `problem`, this outlasts the pause between retries."""
+        target = self._pause_target
+        return target is not None and self._paused_until > 0 and self._cht.gate.target == target
+
     async def _ready(self) -> Target:
         """Wait until sending is allowed; the current target."""
         while True:

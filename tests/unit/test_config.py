@@ -487,6 +487,7 @@ def test_a_number_out_of_range_says_the_range() -> None:
 
 NOT_NUMBERS = {
     "couch",
+    "couch_ca_file",
     "listen_host",
     "service",
     "no_cht_api",

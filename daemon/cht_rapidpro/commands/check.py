@@ -43,6 +43,7 @@ from .common import (
     load_app_settings,
     now_utc,
     sms_settings,
+    tls_problem,
 )
 
 OK, FAIL, WARN, SKIP = "ok", "fail", "warn", "skip"
@@ -105,7 +106,9 @@ class _Diagnosis:
 
     async def run(self) -> None:
         settings = self.settings
-        couch = CouchClient.connect(settings.couch, timeout_s=self._couch_timeout_s)
+        couch = CouchClient.connect(
+            settings.couch, timeout_s=self._couch_timeout_s, ca_file=settings.couch_ca_file
+        )
         try:
             self._reachable = await self._couch_reachable(couch)
             await self._couch_admin(couch)
@@ -142,6 +145,10 @@ class _Diagnosis:
             self.add("couch.reachable", what, OK, f"{server} answers")
             return True
         except GatewayError as exc:
+            tls = tls_problem(exc, self.settings)
+            if tls is not None:
+                self.add("couch.reachable", what, FAIL, f"{server}: {tls.detail}", tls.fix)
+                return False
             self.add(
                 "couch.reachable",
                 what,

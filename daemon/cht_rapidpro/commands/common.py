@@ -41,6 +41,74 @@ class CommandError(Exception):
         self.exit_code = exit_code
 
 
+#: OpenSSL verify codes (X509_V_ERR_*) of a certificate from a CA this host does not trust.
+_UNTRUSTED = frozenset({2, 18, 19, 20, 21})
+_EXPIRED, _NOT_YET_VALID = 10, 9
+_NAME_MISMATCH = frozenset({62, 64})  # host name, IP address
+
+
+@dataclass(frozen=True, slots=True)
+class TlsProblem:
+    """Why an https COUCH_URL failed the TLS handshake, and what to do about it."""
+
+    detail: str
+    fix: str
+
+
+def tls_problem(exc: BaseException, settings: Settings) -> TlsProblem | None:
+    """What a TLS failure reaching CouchDB means (None if `exc` is not one).
+
+    Certificate failures are told apart by OpenSSL's verify code: a CA this host does not
+    trust (a deployment's own CA), a certificate for another name, an expired one.
+    """
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, aiohttp.ClientSSLError):
+        cause = cause.__cause__
+    if cause is None:
+        return None
+    host = settings.couch.server.host
+    ca_file = settings.couch_ca_file
+    if not isinstance(cause, aiohttp.ClientConnectorCertificateError):
+        return TlsProblem(
+            f"TLS handshake with {host} failed: {cause}",
+            "COUCH_URL is https: its port must serve HTTPS (CHT's nginx on 443 does; CouchDB's "
+            "own port 5984 speaks plain HTTP, reached with http://)",
+        )
+    error = cause.certificate_error
+    code = getattr(error, "verify_code", None)
+    reason = getattr(error, "verify_message", None) or str(error)
+    detail = f"the TLS certificate of {host} was refused: {reason}"
+    if code in _UNTRUSTED:
+        if ca_file is None:
+            fix = (
+                "the certificate comes from a CA this host does not trust (a deployment's own "
+                "CA?): save that CA's certificate (PEM) on this host, readable by the daemon's "
+                "user, and set CHT_RAPIDPRO_COUCH_CA_FILE to its path"
+            )
+        else:
+            fix = (
+                f"CHT_RAPIDPRO_COUCH_CA_FILE ({ca_file}) does not hold the CA that issued this "
+                "certificate: put that CA's certificate (PEM) in it, with any intermediate "
+                "certificate the server does not send"
+            )
+        return TlsProblem(detail, fix)
+    if code in _NAME_MISMATCH:
+        return TlsProblem(
+            detail,
+            f"the certificate does not name {host!r}: use in COUCH_URL a host name the "
+            "certificate was issued for (e.g. CHT's public name, not an IP address or "
+            "localhost; on the CHT host itself an /etc/hosts entry can point it at "
+            f"127.0.0.1), or have the certificate reissued to include {host!r}",
+        )
+    if code in (_EXPIRED, _NOT_YET_VALID):
+        return TlsProblem(
+            detail,
+            "renew the certificate of CHT's nginx (or whatever serves COUCH_URL); if it looks "
+            "valid, this host's clock is wrong: check it (timedatectl)",
+        )
+    return TlsProblem(detail, "see the reason: the server's certificate needs fixing")
+
+
 @contextlib.contextmanager
 def couch_errors(settings: Settings) -> Iterator[None]:
     """Turn CouchDB failures into CommandErrors that tell the operator what to fix."""
@@ -67,6 +135,11 @@ def couch_errors(settings: Settings) -> Iterator[None]:
             EX_CONFIG,
         ) from exc
     except GatewayError as exc:  # RetryableError and the rest: CouchDB is not usable now
+        tls = tls_problem(exc, settings)
+        if tls is not None:
+            raise CommandError(
+                f"CouchDB at {where} is unavailable: {tls.detail}. Fix: {tls.fix}", EX_UNAVAILABLE
+            ) from exc
         raise CommandError(f"CouchDB at {where} is unavailable: {exc}", EX_UNAVAILABLE) from exc
 
 
@@ -74,7 +147,9 @@ def couch_errors(settings: Settings) -> Iterator[None]:
 async def open_couch(settings: Settings) -> AsyncIterator[CouchClient]:
     """A CouchDB client for one command; its failures become CommandErrors."""
     couch = CouchClient.connect(
-        settings.couch, timeout_s=min(settings.couch_timeout_s, COMMAND_COUCH_TIMEOUT_S)
+        settings.couch,
+        timeout_s=min(settings.couch_timeout_s, COMMAND_COUCH_TIMEOUT_S),
+        ca_file=settings.couch_ca_file,
     )
     try:
         with couch_errors(settings):

@@ -11,8 +11,10 @@ import asyncio
 import base64
 import contextlib
 import json
+import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -116,15 +118,16 @@ def mapped_errors(what: str) -> Iterator[None]:
         raise NotFoundError(f"{what}: not found") from exc
     except aiocouch.exception.RemoteResponseError as exc:
         raise _from_status(what, exc.status, str(exc.reason or exc.message)) from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        # Before ValueError: a refused TLS certificate is a ValueError too (ssl.CertificateError).
+        detail = str(exc) or "no answer in time"  # aiohttp's total timeout says nothing
+        raise RetryableError(f"{what}: {type(exc).__name__}: {detail}") from exc
     except ValueError as exc:
         # aiocouch raises a bare ValueError for statuses it has no class for (5xx).
         cause = exc.__cause__
         if isinstance(cause, aiohttp.ClientResponseError):
             raise _from_status(what, cause.status, cause.message) from exc
         raise
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        detail = str(exc) or "no answer in time"  # aiohttp's total timeout says nothing
-        raise RetryableError(f"{what}: {type(exc).__name__}: {detail}") from exc
 
 
 def _from_status(what: str, status: int, reason: str) -> GatewayError:
@@ -142,6 +145,14 @@ def _from_status(what: str, status: int, reason: str) -> GatewayError:
     if status == 409:
         return ConflictError(f"{what}: conflict")
     return RetryableError(f"{what}: CouchDB answered {status} ({reason})")
+
+
+def tls_verification(ca_file: Path | None) -> ssl.SSLContext | bool:
+    """How CouchDB's certificate is checked: against `ca_file`, or (True) the system's CAs.
+
+    Either way the host name must match and the certificate must be valid now.
+    """
+    return True if ca_file is None else ssl.create_default_context(cafile=str(ca_file))
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,8 +228,14 @@ class CouchClient:
         self._node: str | None = None
 
     @classmethod
-    def connect(cls, target: CouchTarget, *, timeout_s: float) -> CouchClient:
-        """A client with its own aiocouch session; close it with `close()`."""
+    def connect(
+        cls, target: CouchTarget, *, timeout_s: float, ca_file: Path | None = None
+    ) -> CouchClient:
+        """A client with its own aiocouch session; close it with `close()`.
+
+        An https server's certificate is verified against `ca_file` (PEM CA certificates)
+        when given, else against the system's CAs.
+        """
         middlewares: list[aiohttp.ClientMiddlewareType] = [couch_compat]
         if target.user:
             middlewares.append(basic_auth(target.user, target.password or ""))
@@ -228,7 +245,9 @@ class CouchClient:
             timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s)),
             # Idle connections are dropped before servers drop them (pouchdb-server: 5 s);
             # reusing a connection the server closed fails the request.
-            connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=3.0),
+            connector=aiohttp.TCPConnector(
+                limit=64, keepalive_timeout=3.0, ssl=tls_verification(ca_file)
+            ),
         )
         return cls(couch, target, timeout_s=timeout_s)
 

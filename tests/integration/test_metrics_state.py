@@ -1,0 +1,104 @@
+"""The state gauges the alert rules rely on, as a real daemon exports them at /metrics.
+
+chtrp_healthy (what /healthz says), chtrp_sending_paused (RapidPro refuses the token),
+chtrp_unsent_messages and chtrp_oldest_unsent_age_seconds (the backlog seen on the feed).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from cht_rapidpro.sandbox import DEFAULT_TOKEN
+from support import CouchAdmin, all_tasks, eventually, iso, message_doc, rapidpro_settings, task
+
+ACCEPTED = {"received-by-gateway", "forwarded-by-gateway", "sent", "delivered"}
+GAUGES = (
+    "chtrp_healthy",
+    "chtrp_sending_paused",
+    "chtrp_unsent_messages",
+    "chtrp_oldest_unsent_age_seconds",
+)
+
+
+async def gauges(daemon: Any) -> dict[str, float]:
+    async with aiohttp.ClientSession() as session, session.get(daemon.url + "/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in GAUGES
+    }
+
+
+def waited_since(seconds_ago: float) -> dict[str, Any]:
+    """A pending task whose history says it became pending `seconds_ago`."""
+    stamp = iso((time.time() - seconds_ago) * 1000)
+    return task(
+        "+254700000401", "waiting", state_history=[{"state": "pending", "timestamp": stamp}]
+    )
+
+
+async def state_of(couch: CouchAdmin, doc_id: str) -> str:
+    doc = await couch.get(doc_id)
+    assert doc is not None
+    return str(all_tasks(doc)[0]["state"])
+
+
+async def test_backlog_and_health_while_sending_is_disabled_then_enabled(
+    couch: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    # CHT set up, but the RapidPro token not stored yet: sending is disabled.
+    await couch.put_settings(**rapidpro_settings(rapidpro.url))
+    doc = await couch.put(message_doc([waited_since(3600)]))
+    daemon = await daemon_factory()
+    seen = await eventually(
+        lambda: gauges(daemon),
+        lambda g: g.get("chtrp_unsent_messages") == 1,
+        what="the pending message in the backlog",
+    )
+    assert seen["chtrp_healthy"] == 0  # "sending disabled: No api key configured"
+    assert seen["chtrp_sending_paused"] == 0  # RapidPro has refused nothing
+    assert 3600 <= seen["chtrp_oldest_unsent_age_seconds"] < 3600 + 600
+
+    await couch.put_vault_credential("rapidpro:outgoing", DEFAULT_TOKEN)
+    await eventually(lambda: state_of(couch, doc["_id"]), lambda s: s in ACCEPTED,
+                     what="message sent once the token is stored")  # fmt: skip
+    after = await eventually(
+        lambda: gauges(daemon),
+        lambda g: g.get("chtrp_unsent_messages") == 0,
+        what="the backlog emptied by the feed",
+    )
+    assert after["chtrp_oldest_unsent_age_seconds"] == 0
+    assert after["chtrp_healthy"] == 1
+
+
+async def test_sending_paused_while_rapidpro_refuses_the_token(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    rapidpro.sandbox.configure(tokens=["a-token-cht-does-not-have"])
+    doc = await cht.put(message_doc([task("+254700000402", "refused")]))
+    daemon = await daemon_factory()
+    paused = await eventually(
+        lambda: gauges(daemon),
+        lambda g: g.get("chtrp_sending_paused") == 1,
+        what="sending paused by the refused token",
+    )
+    assert paused["chtrp_healthy"] == 0
+    assert paused["chtrp_unsent_messages"] == 1
+
+    # The operator stores the workspace's token in CHT: no restart, the message goes out.
+    await cht.put_vault_credential("rapidpro:outgoing", "a-token-cht-does-not-have")
+    await eventually(lambda: state_of(cht, doc["_id"]), lambda s: s in ACCEPTED,
+                     what="message sent with the new token")  # fmt: skip
+    resumed = await eventually(
+        lambda: gauges(daemon),
+        lambda g: g.get("chtrp_sending_paused") == 0 and g.get("chtrp_unsent_messages") == 0,
+        what="sending resumed",
+    )
+    assert resumed["chtrp_healthy"] == 1
