@@ -64,6 +64,7 @@ from .logs import get_logger
 from .metrics import Metrics
 from .rapidpro.client import RapidProClient
 from .rapidpro.models import Broadcast, Target
+from .rapidpro.parts import TooManyParts, split, text_limit
 from .reconcile import Reconciler
 from .replicas import Presence
 from .retry import Backoff, Outage, sleep_or_wake
@@ -96,13 +97,15 @@ def escape_text(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    broadcast: Broadcast
+    broadcast: Broadcast  # the first part's, for a message sent in parts
     adopted: bool  # found by reconciliation, not posted by this attempt
+    parts: tuple[Any, ...] = ()  # every part's broadcast id, in order (a split message)
 
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
     summary: str
+    parts: tuple[Any, ...] = ()  # broadcasts of the parts sent before one was refused
 
 
 @dataclass(slots=True)
@@ -117,6 +120,9 @@ class MessageJob:
     result: Accepted | Rejected | None = None
     attempts: int = 0
     backoff: Backoff = field(default_factory=Backoff)
+    # Too long for RapidPro: sent as these numbered parts, in order (`rapidpro/parts.py`).
+    parts: list[MessageJob] | None = None
+    is_part: bool = False  # one of another job's parts (never split again)
 
 
 @dataclass(slots=True)
@@ -620,7 +626,10 @@ class OutgoingSender:
             try:
                 for message in task.messages:
                     while message.result is None:
-                        await self._attempt(job, task, message)
+                        if message.parts is None:
+                            await self._attempt(job, task, message)
+                        else:
+                            await self._send_parts(job, task, message)
             except _TaskLost:
                 self._log.warning("claim_lost", doc_id=job.doc["_id"], task=task.ref.key)
             except _Abandon as exc:
@@ -663,14 +672,23 @@ class OutgoingSender:
             if isinstance(exc, AuthError | UpstreamConfigError):
                 self._pause_for_config(target, exc)
                 return
-            message.result = Rejected(str(exc))
+            limit = text_limit(str(exc))
+            reason = str(exc)
+            if limit is not None and message.parts is None and not message.is_part:
+                # Longer than this RapidPro takes: nothing was created, send it in parts.
+                try:
+                    self._split(message, limit, log)
+                    return
+                except TooManyParts as too_long:
+                    reason = f"{exc} Not sent in parts: {too_long}"
+            message.result = Rejected(reason)
             self._metrics.messages_failed.inc()
             self._metrics.send_errors.labels("rejected").inc()
             log.error(
                 "message_rejected",
                 to=mask(message.urn),
                 attempt=message.attempts,
-                reason=str(exc),  # RapidPro's text, numbers masked by the client
+                reason=reason,  # RapidPro's text, numbers masked by the client
             )
             return
         except RetryableError as exc:
@@ -695,6 +713,45 @@ class OutgoingSender:
             to=mask(message.urn),
             attempt=message.attempts,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+
+    def _split(self, message: MessageJob, limit: int, log: Any) -> None:
+        """Cut a message RapidPro refused as too long into parts of at most `limit`."""
+        texts = split(message.message.text, limit, escaped_length=2)
+        message.parts = [
+            MessageJob(
+                message=message.message,
+                urn=message.urn,
+                text=escape_text(text),
+                uncertain=message.uncertain,  # a takeover looks every part up first
+                settle_until=message.settle_until,
+                backoff=Backoff(
+                    initial=self._settings.retry_initial_s, maximum=self._settings.retry_max_s
+                ),
+                is_part=True,
+            )
+            for text in texts
+        ]
+        log.info("message_split", parts=len(texts), limit=limit)
+
+    async def _send_parts(self, job: DocJob, task: TaskJob, message: MessageJob) -> None:
+        """Send a split message's parts, in order; its result is theirs together."""
+        parts = message.parts or []
+        sent: list[Accepted] = []
+        for number, part in enumerate(parts, 1):
+            while part.result is None:
+                await self._attempt(job, task, part)
+            if isinstance(part.result, Rejected):
+                message.result = Rejected(
+                    f"part {number}/{len(parts)}: {part.result.summary}",
+                    parts=tuple(a.broadcast.id for a in sent),
+                )
+                return
+            sent.append(part.result)
+        message.result = Accepted(
+            sent[0].broadcast,
+            adopted=all(a.adopted for a in sent),
+            parts=tuple(a.broadcast.id for a in sent),
         )
 
     async def _reconcile(
@@ -986,17 +1043,28 @@ def _already_written(task: JsonDict, task_job: TaskJob) -> bool:
 
 
 def _apply_result(task: JsonDict, result: Accepted | Rejected | None) -> bool:
-    """CHT's state for a send outcome, written with `setTaskState`."""
+    """CHT's state for a send outcome, written with `setTaskState`.
+
+    A message sent in parts keeps the first part's broadcast as the task's `gateway_ref`
+    (CHT's field) and every part's in `gateway_refs`.
+    """
     if isinstance(result, Accepted):
         broadcast = result.broadcast
         # A broadcast's status only says whether messages were created, never delivery
         # (spec §8.9): accepted is `received-by-gateway`, and polling moves it on. Only
         # `failed` (recipients could not be resolved) is final.
         if broadcast.status == "failed":
-            return set_task_state(task, State.FAILED, "Failed", broadcast.id)
-        return set_task_state(task, State.RECEIVED_BY_GATEWAY, "Queued", broadcast.id)
+            changed = set_task_state(task, State.FAILED, "Failed", broadcast.id)
+        else:
+            changed = set_task_state(task, State.RECEIVED_BY_GATEWAY, "Queued", broadcast.id)
+        if result.parts:
+            task["gateway_refs"] = list(result.parts)
+        return changed
     if isinstance(result, Rejected):
-        return set_task_state(task, State.FAILED, result.summary)
+        changed = set_task_state(task, State.FAILED, result.summary)
+        if result.parts:
+            task["gateway_refs"] = list(result.parts)
+        return changed
     return False
 
 

@@ -318,5 +318,6 @@ async def test_malformed_documents_are_skipped_and_counted(
     )
     states = [t["state"] for t in done["tasks"]]
     assert states[0] == "failed" and states[1] == "failed", states
+    assert "Not sent in parts" in done["tasks"][0]["state_details"]
     assert states[3] in ACCEPTED
     assert daemon.gateway.metrics.bad_documents._value.get() >= len(BAD_DOCS) - 1

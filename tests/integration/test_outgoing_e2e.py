@@ -463,3 +463,28 @@ async def test_the_largest_allowed_settings_send_track_and_deliver(
     await cht.put(doc)
     await wait_states(cht, doc["_id"], ["delivered"])
     assert daemon.fatal == []
+
+
+# Issue 12: a message longer than RapidPro's broadcast text (640 characters on RapidPro 9)
+# goes out in parts, in order, each within the limit; the task records every part.
+LONG = " ".join(f"Step {n}: take the tablets with food and water." for n in range(1, 36))
+
+
+async def test_a_message_too_long_for_rapidpro_goes_out_in_parts(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    rapidpro.sandbox.configure(dialect="v9")
+    assert 1200 < len(LONG) < 1700  # about ten SMS, as CHT allows by default
+    doc = await cht.put(message_doc([task("+254700000009", LONG)]))
+    await daemon_factory()
+    done = await wait_states(cht, doc["_id"], ["delivered"])
+    posted = rapidpro.sandbox.posted_broadcasts()
+    texts = [b.text for b in posted]
+    assert len(texts) == 3 and all(len(t) <= 640 for t in texts)
+    assert [t[:6] for t in texts] == ["(1/3) ", "(2/3) ", "(3/3) "]
+    assert " ".join(t[6:] for t in texts) == LONG
+    item = done["tasks"][0]
+    assert item["gateway_refs"] == [b.id for b in posted]
+    assert item["gateway_ref"] == posted[0].id
+    refused = [r for r in rapidpro.sandbox.requests if r.status == 400]
+    assert len(refused) == 1  # the whole text, once: how the daemon learns the limit
