@@ -58,7 +58,7 @@ from harness import (
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
-BENCHMARKS = ("latency", "throughput", "polling", "catchup", "memory", "webhook")
+BENCHMARKS = ("latency", "throughput", "polling", "catchup", "memory", "webhook", "throttle")
 SENDABLE = ("pending", "forwarded-to-gateway")
 INCOMING_KEY = "bench-incoming-key-0123456789"
 
@@ -77,6 +77,9 @@ class Sizes:
     memory_small_docs: int = 1000
     webhook_requests: int = 3000
     webhook_clients: int = 100
+    throttle_messages: int = 10_000
+    throttle_limit: int = 3600  # TextIt: 3,600 requests an hour, broadcasts and lookups
+    throttle_window_s: float = 36.0  # RapidPro's hour, 100 times faster
 
 
 FULL = Sizes()
@@ -88,6 +91,9 @@ QUICK = Sizes(
     poll_rounds=2,
     catchup_docs=20_000,
     webhook_requests=500,
+    throttle_messages=2000,
+    throttle_limit=600,
+    throttle_window_s=12.0,
 )
 
 
@@ -123,11 +129,14 @@ class Context:
     def server(self) -> CouchServer:
         return self.backend.server
 
-    def daemon(self, name: str, couch: CouchAdmin, **env: str) -> Any:
-        """The daemon for a benchmark: one, or on a cluster one per node (a `DaemonGroup`)."""
+    def daemon(self, name: str, couch: CouchAdmin, *, replicas: int = 1, **env: str) -> Any:
+        """The daemon for a benchmark: one, or on a cluster one per node (a `DaemonGroup`),
+        or `replicas` of them on one server."""
         extra = {f"CHT_RAPIDPRO_{key.upper()}": value for key, value in env.items()}
         extra.update(self.args.daemon_env)
         urls = self.backend.urls()
+        if len(urls) == 1 and replicas > 1:
+            urls = urls * replicas
         if len(urls) == 1:
             return Daemon(self.workdir, name, couch.couch_url, env=extra, profile=self.args.profile)
         return DaemonGroup(
@@ -872,6 +881,124 @@ async def bench_webhook(ctx: Context) -> Result:
     return result
 
 
+# --- 7. draining a backlog under RapidPro's throttle ----------------------------------------------
+
+
+def window_counts(times: list[float], start: float, window: float) -> list[int]:
+    """POSTs in each whole window of `window` seconds from `start`."""
+    if not times:
+        return []
+    whole = int((max(times) - start) // window)
+    return [sum(1 for t in times if start + k * window <= t < start + (k + 1) * window)
+            for k in range(whole)]  # fmt: skip
+
+
+async def bench_throttle(ctx: Context) -> Result:
+    sizes = ctx.sizes
+    n, limit, window = sizes.throttle_messages, sizes.throttle_limit, sizes.throttle_window_s
+    replicas = 3
+    result = Result(
+        "throttle",
+        f"Throttle: a backlog of {n:,} under TextIt's {limit:,} requests an hour "
+        f"(the hour played in {window:g} s), {replicas} replicas",
+    )
+    config = SandboxConfig(
+        rates={"v2": limit, "v2.messages": limit}, throttle_window=window, step_seconds=0.05
+    )
+    async with serve_sandbox(config) as rapidpro:
+        couch = await create_medic(ctx.server, "bench-throttle", rapidpro.url)
+        daemon = ctx.daemon(
+            "throttle",
+            couch,
+            replicas=replicas,
+            broadcasts_per_hour=str(limit),
+            messages_per_hour=str(limit),
+            throttle_window=f"{window:g}",
+            poll_interval=f"{max(0.5, window / 60):g}",
+        )
+        try:
+            await daemon.start()
+            await asyncio.sleep(2.0)  # the replicas hear of each other (presence)
+            workload = Workload(seed=7)
+            # Oldest due first: each message's reported_date is a millisecond apart.
+            docs = []
+            base = int(time.time() * 1000) - n
+            for i in range(n):
+                doc = workload.pending(f"Bench throttle {i}: clinic day reminder.")
+                doc["reported_date"] = base + i
+                docs.append(doc)
+            meter = ctx.meter(daemon)
+            started = time.perf_counter()
+            await bulk_load(couch, docs)
+            await wait_for(
+                rapidpro.probe.reach(n // 2), daemon, 60 * window, f"{n // 2} broadcasts",
+                lambda: rapidpro.probe.count,
+            )  # fmt: skip
+            late_text = "Bench throttle: written in the middle of the backlog."
+            late = workload.pending(late_text)
+            late_written = time.perf_counter()
+            await couch.put(late)
+            arrival = rapidpro.probe.expect(late_text)
+            await wait_for(
+                rapidpro.probe.reach(n + 1), daemon, 60 * window, f"{n + 1} broadcasts",
+                lambda: rapidpro.probe.count,
+            )  # fmt: skip
+            late_at = await arrival
+            finished = time.perf_counter()
+            await confirm_sent(couch, [d["_id"] for d in docs], within=120)
+            meter.stop()
+            polls = daemon.events("status_poll_completed")
+            metrics = await daemon_metrics(daemon)
+        finally:
+            await daemon.stop()
+            await drop_medic(couch)
+        requests = list(rapidpro.sandbox.requests)
+    refused = Counter(r.path.rsplit("/", 1)[-1] for r in requests if r.status == 429)
+    posts = sorted(r.at.timestamp() for r in requests if r.method == "POST" and r.status == 201)
+    sent_texts = [
+        r.body.get("text") for r in sorted(requests, key=lambda r: r.at)
+        if r.method == "POST" and r.status == 201 and isinstance(r.body, dict)
+    ]  # fmt: skip
+    numbers = [
+        t.split()[2].rstrip(":") for t in sent_texts if t and t.startswith("Bench throttle ")
+    ]
+    order = [int(number) for number in numbers if number.isdigit()]
+    inversions = sum(1 for a, b in itertools.pairwise(order) if b < a)
+    counts = window_counts(posts, posts[0], window) if posts else []
+    steady = counts[1:]  # the first window is the free burst of a full budget
+    used = min(steady) / limit if steady else float("nan")
+    mean_used = statistics.fmean(steady) / limit if steady else float("nan")
+    updated = sum(int(p.get("updated") or 0) for p in polls)
+    result.rows = [
+        Row("429 answers (broadcasts, messages)", str(sum(refused.values())), "0",
+            sum(refused.values()) == 0),
+        Row("POSTs per window, after the first, / the limit (lowest)", f"{used:.3f}",
+            "≥ 0.95", used >= 0.95),
+        Row("messages out of due order", str(inversions), "—"),
+        Row("wait of a message written mid-backlog", f"{late_at - late_written:.1f} s"),
+    ]  # fmt: skip
+    result.details = [
+        f"- Sandbox: the current TextIt dialect, `v2` (broadcasts, lookups) and `v2.messages` "
+        f"(status polling) each {limit:,} requests per {window:g} s, a sliding log as DRF "
+        f"keeps it; the {replicas} daemons are told the same budget and window "
+        "(`CHT_RAPIDPRO_BROADCASTS_PER_HOUR`, `_MESSAGES_PER_HOUR`, `_THROTTLE_WINDOW`) and share "
+        "it through CouchDB.",
+        f"- {n:,} pending messages written at once, due a millisecond apart; all {n + 1:,} sent "
+        f"in {finished - started:.1f} s. POSTs per window of {window:g} s from the first: "
+        f"{counts} (limit {limit:,}; mean after the first {mean_used:.3f} of it).",
+        f"- Sending order: {inversions} of {len(order):,} broadcasts went out before an "
+        "older-due one (replicas sending side by side interleave their shares).",
+        f"- A message written when half the backlog was sent reached RapidPro "
+        f"{late_at - late_written:.1f} s later (the rest of the backlog is older-due).",
+        f"- Status polling meanwhile: {len(polls)} rounds, {updated:,} task states updated; "
+        f"429s by endpoint: {dict(refused) or 'none'}.",
+        f"- {meter.summary()}.",
+        f"- Daemon counters: {interesting_metrics(metrics)}.",
+        *daemon_notes(daemon),
+    ]
+    return result
+
+
 # --- running and reporting ------------------------------------------------------------------------
 
 
@@ -888,6 +1015,7 @@ RUNNERS: dict[str, Callable[[Context], Awaitable[Result]]] = {
     "catchup": bench_catchup,
     "memory": bench_memory,
     "webhook": bench_webhook,
+    "throttle": bench_throttle,
 }
 
 
