@@ -241,7 +241,15 @@ def interesting_metrics(found: dict[str, float]) -> str:
         and not name.endswith(("_bucket", "_created"))
         and any(
             word in name
-            for word in ("sent_total", "conflicts", "errors", "bad_doc", "adopted", "failed")
+            for word in (
+                "sent_total",
+                "conflicts",
+                "errors",
+                "bad_doc",
+                "adopted",
+                "failed",
+                "couch_write",
+            )
         )
     ]
     return ", ".join(keep) or "none non-zero"

@@ -192,7 +192,7 @@ class Gateway:
         self.cht = ChtConfig(
             couch, service=settings.service, refresh_s=settings.credentials_refresh_s
         )
-        self.writer = BulkWriter(couch)
+        self.writer = BulkWriter(couch, on_request=self._count_write)
         self.index = InFlightIndex()
         self.backlog = UnsentBacklog()
         self.identity = identity or Identity.new(settings.instance)
@@ -242,6 +242,10 @@ class Gateway:
         self.started = asyncio.Event()  # settings, credentials and checkpoint loaded
         self.sweeps = 0
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+
+    def _count_write(self, docs: int) -> None:
+        self.metrics.couch_write_requests.inc()
+        self.metrics.couch_writes.inc(docs)
 
     # -- life cycle -----------------------------------------------------------------------
 

@@ -77,6 +77,16 @@ class Metrics:
             "Claim writes CouchDB accepted without quorum (never sent on).",
             registry=r,
         )
+        self.couch_write_requests = Counter(
+            "chtrp_couch_write_requests_total",
+            "`_bulk_docs` requests the daemon made (group commit).",
+            registry=r,
+        )
+        self.couch_writes = Counter(
+            "chtrp_couch_writes_total",
+            "Documents written in those requests.",
+            registry=r,
+        )
         self.rapidpro_requests = Counter(
             "chtrp_rapidpro_requests_total",
             "Requests made to RapidPro, by throttle scope.",

@@ -12,7 +12,7 @@ import base64
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -648,11 +648,18 @@ class BulkWriter:
     idle.
     """
 
-    def __init__(self, client: CouchClient, *, max_batch: int = 500) -> None:
+    def __init__(
+        self,
+        client: CouchClient,
+        *,
+        max_batch: int = 500,
+        on_request: Callable[[int], None] | None = None,
+    ) -> None:
         self._client = client
         self._max_batch = max_batch
         self._queue: list[tuple[JsonDict, asyncio.Future[WriteResult]]] = []
         self._flushing = False
+        self._on_request = on_request  # documents in each request (metrics)
         self.requests = 0  # bulk requests made (for tests and benchmarks)
 
     async def write(self, doc: JsonDict) -> WriteResult:
@@ -681,6 +688,8 @@ class BulkWriter:
                     seen.add(item[0]["_id"])
                 self._queue = later + self._queue
                 self.requests += 1
+                if self._on_request is not None:
+                    self._on_request(len(now))
                 try:
                     rows = await self._client.bulk_write([doc for doc, _ in now])
                 except BaseException as exc:
