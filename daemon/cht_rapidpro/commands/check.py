@@ -42,6 +42,7 @@ from .common import (
     listener_url,
     load_app_settings,
     now_utc,
+    plain_http_instead,
     sms_settings,
     tls_problem,
 )
@@ -146,6 +147,10 @@ class _Diagnosis:
             return True
         except GatewayError as exc:
             tls = tls_problem(exc, self.settings)
+            if tls is None and self.settings.couch.server.scheme == "https":
+                # A plain-HTTP server may just wait for a request line instead of a TLS
+                # handshake (Apache CouchDB does): the handshake then times out.
+                tls = await plain_http_instead(self.settings)
             if tls is not None:
                 self.add("couch.reachable", what, FAIL, f"{server}: {tls.detail}", tls.fix)
                 return False

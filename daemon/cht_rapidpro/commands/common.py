@@ -55,6 +55,27 @@ class TlsProblem:
     fix: str
 
 
+async def plain_http_instead(settings: Settings) -> TlsProblem | None:
+    """A TlsProblem if COUCH_URL's https port answers plain HTTP (a CouchDB port), else None."""
+    server = settings.couch.server
+    url = server.with_scheme("http").with_path("/")
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, timeout=aiohttp.ClientTimeout(total=3)) as resp,
+        ):
+            if resp.status >= 500:
+                return None
+            await resp.read()
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    return TlsProblem(
+        f"TLS handshake with {server.host} failed: the port answers plain HTTP",
+        "COUCH_URL is https: its port must serve HTTPS (CHT's nginx on 443 does; CouchDB's "
+        "own port 5984 speaks plain HTTP, reached with http://)",
+    )
+
+
 def tls_problem(exc: BaseException, settings: Settings) -> TlsProblem | None:
     """What a TLS failure reaching CouchDB means (None if `exc` is not one).
 

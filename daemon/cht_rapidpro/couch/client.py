@@ -306,12 +306,15 @@ class CouchClient:
 
         `conflicts=True` adds `_conflicts` when the copies read know of conflicting branches.
         """
-        if conflicts:
-            url = self._url(db.id if db is not None else self.target.db, doc_id)
+        design = doc_id.startswith("_design/")
+        if conflicts or design:
+            # `_design%2Fname` is answered with a redirect to `_design/name` built from the
+            # Host header with plain http: behind TLS (CHT's nginx) that leads nowhere.
+            segments = ["_design", doc_id[len("_design/") :]] if design else [doc_id]
+            url = self._url(db.id if db is not None else self.target.db, *segments)
+            params = {"conflicts": "true"} if conflicts else None
             try:
-                doc: JsonDict = await self._request_json(
-                    "GET", url, f"get {doc_id}", params={"conflicts": "true"}
-                )
+                doc: JsonDict = await self._request_json("GET", url, f"get {doc_id}", params=params)
             except NotFoundError:
                 return None
             return doc
