@@ -72,8 +72,9 @@ from .retry import Backoff, Outage, sleep_or_wake
 Release = Callable[[], None]
 #: How many rounds of conflict → re-read → re-apply a write gets before we let it go.
 MAX_WRITE_ROUNDS = 8
-#: Claims held but not yet posted, per send slot (claims no further ahead than sending).
-CLAIMS_PER_SLOT = 2
+#: Claims held but not yet posted, per send slot (claims no further ahead than sending; a
+#: crash strands at most this many per slot, and they wait SEND_TIMEOUT after the restart).
+CLAIMS_PER_SLOT = 4
 #: Looks at an `accepted` write-back before it is written again (it may sit on one copy).
 VERIFY_DELAYS = (0.1, 0.5, 2.0)
 #: Pause after RapidPro refuses our token or URL, unless the configuration changes first.

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from cht_rapidpro.outbound import CLAIMS_PER_SLOT
 from cht_rapidpro.sandbox import DEFAULT_TOKEN
 from pouchdb import PouchServer
 from support import (
@@ -137,8 +138,8 @@ async def test_a_crash_strands_only_what_was_in_flight(
         item for doc in docs for item in all_tasks(doc) if item["state"] == "forwarded-to-gateway"
     ]
     stranded = [item for item in claimed if item["messages"][0]["message"] not in posted]
-    # Claims held without a POST: at most the claim slots (CLAIMS_PER_SLOT = 2 per send slot).
-    assert len(stranded) <= 2 * concurrency, (len(claimed), len(stranded))
+    # Claims held without a POST: at most the claim slots (CLAIMS_PER_SLOT per send slot).
+    assert len(stranded) <= CLAIMS_PER_SLOT * concurrency, (len(claimed), len(stranded))
 
     restarted = time.monotonic()
     proc = await start_daemon_process(cht.couch_url, log, **env)
