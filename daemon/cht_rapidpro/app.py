@@ -26,7 +26,7 @@ from .incoming import ROUTES as INCOMING_ROUTES
 from .incoming import IncomingWebhook
 from .logs import get_logger
 from .metrics import Metrics
-from .rapidpro.client import RapidProClient
+from .rapidpro.client import RUNS, RapidProClient
 from .rapidpro.throttle import BROADCASTS, MESSAGES, Budget
 
 
@@ -56,10 +56,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=settings.send_timeout_s),
     )
     try:
+        # Runs (the log follower's recovery) have a bucket of their own at RapidPro, as large
+        # as the messages one: the same client-side limit applies.
         budget = Budget(
-            {BROADCASTS: settings.broadcasts_per_hour, MESSAGES: settings.messages_per_hour}
+            {
+                BROADCASTS: settings.broadcasts_per_hour,
+                MESSAGES: settings.messages_per_hour,
+                RUNS: settings.messages_per_hour,
+            }
         )
-        for scope in (BROADCASTS, MESSAGES):
+        for scope in (BROADCASTS, MESSAGES, RUNS):
             app[METRICS].budget_remaining.labels(scope).set_function(
                 functools.partial(_remaining, budget, scope)
             )
@@ -76,7 +82,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
         components = app[COMPONENTS]
         components.gateway = gateway
-        components.webhook = IncomingWebhook(couch, gateway.writer, gateway.cht, app[METRICS])
+        components.webhook = IncomingWebhook(gateway.incoming, gateway.cht, app[METRICS])
         gateway.start()
         yield
         await gateway.stop()

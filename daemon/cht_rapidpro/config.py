@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -139,6 +140,19 @@ def _bool(text: str) -> bool:
     if value in ("false", "no", "off", "0"):
         return False
     raise ValueError(f"{text!r} is not true or false")
+
+
+def _flow_uuids(text: str) -> tuple[str, ...]:
+    flows = []
+    for part in text.strip().strip("[]").split(","):  # a TOML list arrives as "['a', 'b']"
+        value = part.strip().strip("'\"").lower()
+        if not value:
+            continue
+        try:
+            flows.append(str(uuid.UUID(value)))
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not a flow uuid") from None
+    return tuple(dict.fromkeys(flows))
 
 
 def _non_empty(text: str) -> str:
@@ -303,6 +317,36 @@ OPTIONS: tuple[Option, ...] = (
         _positive_int,
         "Largest incoming-webhook body accepted (413 above).",
     ),
+    Option(
+        "mirror_outgoing",
+        PREFIX + "MIRROR_OUTGOING",
+        _bool,
+        "true: messages RapidPro sends on its own (flow replies, campaign events, broadcasts "
+        "made in RapidPro or by other API clients) become CHT outgoing messages, shown in the "
+        "recipient's conversation in the Messages tab.",
+    ),
+    Option(
+        "incoming_flows",
+        PREFIX + "INCOMING_FLOWS",
+        _flow_uuids,
+        "Comma-separated uuids of the RapidPro flows that call CHT's webhook: their incoming "
+        "SMS that have no CHT report (the webhook call failed) are stored as the webhook would "
+        "have. Empty: no recovery.",
+    ),
+    Option(
+        "incoming_id",
+        PREFIX + "INCOMING_ID",
+        _choice("run", "message"),
+        "What those flows send as the webhook body's id: run (CHT's documented body, "
+        "run.uuid) or message (the recommended body, input.uuid).",
+    ),
+    Option(
+        "log_grace_s",
+        PREFIX + "LOG_GRACE",
+        _non_negative_float,
+        "Seconds a message read from RapidPro's log waits before it is mirrored or "
+        "recovered; keep it above RapidPro's 15 s webhook timeout plus COUCH_TIMEOUT.",
+    ),
 )
 
 
@@ -336,6 +380,10 @@ class Settings:
     retry_initial_s: float = 1.0
     shutdown_grace_s: float = 6.0
     webhook_max_bytes: int = 64 * 1024
+    mirror_outgoing: bool = False
+    incoming_flows: tuple[str, ...] = ()
+    incoming_id: str = "run"
+    log_grace_s: float = 60.0
 
     @classmethod
     def from_env(

@@ -23,6 +23,7 @@ import hmac
 import json
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -67,17 +68,93 @@ def doc_id_for(message_id: str | int) -> str:
     return f"sms-rapidpro:sha256:{digest}"
 
 
-class IncomingWebhook:
-    """The request handler; one instance per daemon."""
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What storing one incoming SMS did: `saved`, or `duplicate` (a report exists)."""
 
-    def __init__(
-        self, couch: CouchClient, writer: BulkWriter, cht: ChtConfig, metrics: Metrics
-    ) -> None:
+    outcome: str  # "saved" | "duplicate"
+    doc_id: str | None
+
+
+class StoreRefusedError(GatewayError):
+    """CouchDB answered the write with an error other than a conflict."""
+
+
+class IncomingStore:
+    """Stores an incoming SMS as CHT's report, exactly once per id (the webhook and the log
+    follower's recovery share it, so both write the same document under the same `_id`)."""
+
+    def __init__(self, couch: CouchClient, writer: BulkWriter, cht: ChtConfig) -> None:
         self._couch = couch
         self._writer = writer  # group commit: concurrent deliveries share `_bulk_docs` requests
         self._cht = cht
-        self._metrics = metrics
         self._has_ref_view: bool | None = None
+
+    async def store(
+        self, message: dict[str, Any], *, now_ms: int | None = None, check_cht: bool = True
+    ) -> Stored:
+        """Store `{id, from, content}` (the webhook body) unless a report of its id exists.
+
+        `now_ms` is the report's `reported_date` (default: now, as CHT). `check_cht=False`
+        skips asking CHT's view for the id (the caller did, for many at once).
+
+        Raises:
+            GatewayError: CouchDB could not be asked or written (nothing was stored).
+            StoreRefusedError: CouchDB refused the write.
+        """
+        doc_id = doc_id_for(message["id"])
+        if check_cht and await self._seen_by_cht(message["id"]):
+            return Stored("duplicate", None)
+        doc = self.report(message, now_ms=now_ms)
+        doc["_id"] = doc_id
+        result = await self._writer.write(doc)
+        if result.conflict:  # the id exists: CouchDB itself keeps the copies to one
+            return Stored("duplicate", doc_id)
+        if not result.ok:
+            raise StoreRefusedError(str(result.error))
+        return Stored("saved", doc_id)
+
+    def report(self, message: dict[str, Any], *, now_ms: int | None = None) -> dict[str, Any]:
+        """The report CHT's `createByForm` builds for the SMS (no `_id`)."""
+        data = {
+            "from": message["from"],
+            "message": message["content"],
+            "gateway_ref": message["id"],
+        }
+        settings = self._cht.app_settings
+        try:
+            return create_by_form(
+                data, settings=settings, translate=self._cht.translator(), now_ms=now_ms
+            )
+        except Exception as exc:
+            # A parser bug must not lose the SMS: keep it as a free-text message, as CHT
+            # stores text that matches no form. Only the error type is logged (no content).
+            log.error("webhook_parse_failed", error_type=type(exc).__name__)
+            return create_by_form(data, settings={**settings, "forms": {}}, now_ms=now_ms)
+
+    async def has_ref_view(self) -> bool:
+        if self._has_ref_view is None:
+            self._has_ref_view = await self._couch.has_view("medic-sms", "messages_by_gateway_ref")
+        return self._has_ref_view
+
+    async def seen_by_cht(self, message_ids: list[Any]) -> set[Any]:
+        """Which ids CHT itself already stored (`medic-sms/messages_by_gateway_ref`)."""
+        if not message_ids or not await self.has_ref_view():
+            return set()
+        rows = await self._couch.view("medic-sms", "messages_by_gateway_ref", keys=message_ids)
+        return {row.get("key") for row in rows}
+
+    async def _seen_by_cht(self, message_id: Any) -> bool:
+        return bool(await self.seen_by_cht([message_id]))
+
+
+class IncomingWebhook:
+    """The request handler; one instance per daemon."""
+
+    def __init__(self, store: IncomingStore, cht: ChtConfig, metrics: Metrics) -> None:
+        self._store_sms = store
+        self._cht = cht
+        self._metrics = metrics
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -123,44 +200,16 @@ class IncomingWebhook:
     async def _store(self, message: dict[str, Any]) -> dict[str, Any]:
         doc_id = doc_id_for(message["id"])
         try:
-            if await self._seen_by_cht(message["id"]):
-                return {"saved": 0, "duplicate": True, "_doc_id": None}
-            doc = self._report(message)
-            doc["_id"] = doc_id
-            result = await self._writer.write(doc)
+            stored = await self._store_sms.store(message)
+        except StoreRefusedError as exc:
+            log.warning("webhook_store_refused", doc_id=doc_id, error=str(exc))
+            raise WebhookError(503, "Message was not saved: the database refused it") from exc
         except GatewayError as exc:
             log.warning("webhook_store_failed", doc_id=doc_id, error=str(exc))
             raise WebhookError(503, "Message was not saved: the database is unavailable") from exc
-        if result.conflict:  # the id exists: CouchDB itself keeps the copies to one
-            return {"saved": 0, "duplicate": True, "_doc_id": doc_id}
-        if not result.ok:
-            log.warning("webhook_store_refused", doc_id=doc_id, error=result.error)
-            raise WebhookError(503, "Message was not saved: the database refused it")
-        return {"saved": 1, "_doc_id": doc_id}
-
-    def _report(self, message: dict[str, Any]) -> dict[str, Any]:
-        data = {
-            "from": message["from"],
-            "message": message["content"],
-            "gateway_ref": message["id"],
-        }
-        settings = self._cht.app_settings
-        try:
-            return create_by_form(data, settings=settings, translate=self._cht.translator())
-        except Exception as exc:
-            # A parser bug must not lose the SMS: keep it as a free-text message, as CHT
-            # stores text that matches no form. Only the error type is logged (no content).
-            log.error("webhook_parse_failed", error_type=type(exc).__name__)
-            return create_by_form(data, settings={**settings, "forms": {}})
-
-    async def _seen_by_cht(self, message_id: Any) -> bool:
-        """Whether CHT itself already stored this id (`medic-sms/messages_by_gateway_ref`)."""
-        if self._has_ref_view is None:
-            self._has_ref_view = await self._couch.has_view("medic-sms", "messages_by_gateway_ref")
-        if not self._has_ref_view:
-            return False
-        rows = await self._couch.view("medic-sms", "messages_by_gateway_ref", keys=[message_id])
-        return bool(rows)
+        if stored.outcome == "duplicate":
+            return {"saved": 0, "duplicate": True, "_doc_id": stored.doc_id}
+        return {"saved": 1, "_doc_id": stored.doc_id}
 
 
 async def _read_message(request: web.Request) -> dict[str, Any]:

@@ -547,7 +547,7 @@ async def test_status_shows_checkpoints_and_the_running_daemon(
     assert report["daemon"]["health"] == "ok"
     assert report["daemon"]["in_flight"] == 0
     # No throttle in the sandbox, but the default client-side budgets still count down.
-    assert set(report["daemon"]["budget_left"]) == {"broadcasts", "messages"}
+    assert set(report["daemon"]["budget_left"]) == {"broadcasts", "messages", "runs"}
 
     code, out, _ = await cli("status", env={"COUCH_URL": cht.couch_url,
                                             "CHT_RAPIDPRO_INSTANCE": "old-replica",

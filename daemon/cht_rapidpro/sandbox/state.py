@@ -638,9 +638,13 @@ class Sandbox:
         *,
         flow: Mapping[str, str] | None = INCOMING_FLOW,
         handled: bool = True,
+        created_on: datetime | None = None,
     ) -> MessageRecord:
-        """An incoming SMS: listed with `direction: in` once handled (by `flow`, or the inbox)."""
-        now = self.now()
+        """An incoming SMS: listed with `direction: in` once handled (by `flow`, or the inbox).
+
+        `created_on` (default: now) lets a test make one that RapidPro took long to handle.
+        """
+        now = created_on or self.now()
         message = MessageRecord(
             next(self._message_ids),
             str(uuid.uuid4()),
