@@ -51,7 +51,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -415,14 +415,15 @@ class MessageLog:
         try:
             if main is not None:
                 report.window_s = round(now - main.low, 1)
-                await self._scan(target, main, spend, report, now, forward=self.follows_log)
+                forward_low = (self.position.top or now) - OVERLAP_S if self.follows_log else None
+                await self._scan(target, main, spend, report, now, collect_low=forward_low)
             if self.follows_log:
                 await self._catch_up(target, spend, report, now)
             queue: list[Scan | Lookup] = list(actions)
             while queue:
                 action = queue.pop(0)
                 if isinstance(action, Scan):
-                    queue += await self._scan(target, action, spend, report, now, forward=False)
+                    queue += await self._scan(target, action, spend, report, now)
                 else:
                     await self._lookup(target, action, spend, report, now)
             if self.flows:
@@ -495,7 +496,7 @@ class MessageLog:
 
     async def _pages(
         self, pages: AsyncGenerator[list[Message], None], spend: _Spend, report: RoundReport
-    ) -> AsyncIterator[list[Message]]:
+    ) -> AsyncGenerator[list[Message], None]:
         """The pages of one listing, each paid for before it is asked for."""
         if not spend.ok():
             raise _Cut
@@ -517,14 +518,19 @@ class MessageLog:
         report: RoundReport,
         now: float,
         *,
-        forward: bool,
+        collect_low: float | None = None,
         gap: tuple[float, float] | None = None,
     ) -> list[Lookup]:
         """Read [scan.low, scan.high] newest first; returns look-ups for what a scan that
-        proved dearer than them left."""
+        proved dearer than them left.
+
+        Rows created at or after `collect_low` are forward rows: they move the position and
+        are decided on (mirroring, recovery); below it a scan only refreshes statuses.
+        """
         top = scan.high if scan.high is not None else now
         progress = ScanProgress(scan=scan, top=top)
         density = self.position.density
+        forward = collect_low is not None
         report.scans += 1
         newest: float | None = None
         complete = False
@@ -535,19 +541,20 @@ class MessageLog:
             before=_dt(scan.high) if scan.high is not None else None,
         )
         try:
-            async for page in self._pages(listing, spend, report):
-                created = [t for row in page if (t := _ts(row.created_on)) is not None]
-                progress.add_page(created, density)
-                if created:
-                    newest = max(newest or created[0], max(created))
-                await self._rows(target, page, report, now, forward=forward)
-                covered = set(progress.covered())
-                remaining = [k for k in scan.keys if k not in covered]
-                if not forward and not progress.worth_going_on(len(remaining)):
-                    left = [Lookup(key, scan.priority) for key in remaining]
-                    break
-            else:
-                complete = True
+            async with contextlib.aclosing(self._pages(listing, spend, report)) as pages:
+                async for page in pages:
+                    created = [t for row in page if (t := _ts(row.created_on)) is not None]
+                    progress.add_page(created, density)
+                    if created:
+                        newest = max(newest or created[0], max(created))
+                    await self._rows(target, page, report, now, collect_low=collect_low)
+                    covered = set(progress.covered())
+                    remaining = [k for k in scan.keys if k not in covered]
+                    if not forward and not progress.worth_going_on(len(remaining)):
+                        left = [Lookup(key, scan.priority) for key in remaining]
+                        break
+                else:
+                    complete = True
         finally:
             low = scan.low if complete else progress.oldest
             if low is not None:
@@ -557,31 +564,31 @@ class MessageLog:
             for key in keys:
                 self.index.refreshed(key, now)
             report.refreshed += len(keys)
-            if forward:
-                self._forward_done(scan, gap, complete, progress.oldest, newest)
+            if collect_low is not None:
+                self._forward_done(collect_low, gap, complete, progress.oldest, newest)
         return left
 
     def _forward_done(
         self,
-        scan: Scan,
+        collect_low: float,
         gap: tuple[float, float] | None,
         complete: bool,
         oldest: float | None,
         newest: float | None,
     ) -> None:
-        """Move the position after a forward scan or a gap scan (complete or cut short)."""
+        """Move the position after a forward scan or a gap scan (complete or cut short): what
+        a cut-short scan did not reach of [collect_low, ...] is a gap for later rounds."""
         position = self.position
         self._dirty = True
+        unread_high = oldest if oldest is not None else newest
         if gap is not None:
             position.gaps.remove(gap)
-            if not complete:
-                position.gaps.append((gap[0], oldest if oldest is not None else gap[1]))
-        else:
-            if not complete:
-                unread_high = oldest if oldest is not None else (newest or scan.low)
-                position.gaps.append((scan.low, unread_high))
-            if newest is not None:
-                position.top = max(position.top or newest, newest)
+        if not complete:
+            high = unread_high if unread_high is not None else (gap[1] if gap else collect_low)
+            if high > collect_low:
+                position.gaps.append((collect_low, high))
+        if gap is None and newest is not None:
+            position.top = max(position.top or newest, newest)
         position.gaps = _merged(position.gaps)
 
     async def _catch_up(
@@ -590,7 +597,7 @@ class MessageLog:
         """Read the gaps earlier rounds left, newest first."""
         for gap in sorted(self.position.gaps, key=lambda g: g[1], reverse=True):
             scan = Scan(low=gap[0], high=gap[1], keys=[], windows={}, pages=None, priority=0)
-            await self._scan(target, scan, spend, report, now, forward=True, gap=gap)
+            await self._scan(target, scan, spend, report, now, collect_low=gap[0], gap=gap)
 
     async def _lookup(
         self, target: Target, lookup: Lookup, spend: _Spend, report: RoundReport, now: float
@@ -603,19 +610,20 @@ class MessageLog:
         else:
             listing = self._rapidpro.messages(target, broadcast=key)
         report.lookups += 1
-        async for page in self._pages(listing, spend, report):
-            mine = [
-                row
-                for row in page
-                if (key >= MIRROR_BASE and mirror_key(row.id) == key)
-                or (key < MIRROR_BASE and broadcast_key(row.broadcast) == key)
-            ]
-            if len(mine) < len(page) and self._lookups_work:
-                # The filter was ignored (RapidPro dropped it): scans only from now on.
-                self._lookups_work = False
-                self._log.warning("status_lookup_unsupported", gateway_ref=key)
-            await self._rows(target, mine, report, now, forward=False)
-            break  # one page: a message, or a broadcast's few recipients
+        async with contextlib.aclosing(self._pages(listing, spend, report)) as pages:
+            async for page in pages:
+                mine = [
+                    row
+                    for row in page
+                    if (key >= MIRROR_BASE and mirror_key(row.id) == key)
+                    or (key < MIRROR_BASE and broadcast_key(row.broadcast) == key)
+                ]
+                if len(mine) < len(page) and self._lookups_work:
+                    # The filter was ignored (RapidPro dropped it): scans only from now on.
+                    self._lookups_work = False
+                    self._log.warning("status_lookup_unsupported", gateway_ref=key)
+                await self._rows(target, mine, report, now)
+                break  # one page: a message, or a broadcast's few recipients
         self.index.refreshed(key, now)
         report.refreshed += 1
 
@@ -628,18 +636,25 @@ class MessageLog:
         if position.late_sweep_at is not None and now - position.late_sweep_at < every:
             return
         listing = self._rapidpro.messages(target, after=_dt(now - LATE_WINDOW_S), folder="flows")
-        async for page in self._pages(listing, spend, report):
-            self._collect_incoming(page, now, late=True)
+        async with contextlib.aclosing(self._pages(listing, spend, report)) as pages:
+            async for page in pages:
+                self._collect_incoming(page, now, late=True)
         position.late_sweep_at = now
         self._dirty = True
 
     # -- rows -------------------------------------------------------------------------------
 
     async def _rows(
-        self, target: Target, rows: list[Message], report: RoundReport, now: float, *, forward: bool
+        self,
+        target: Target,
+        rows: list[Message],
+        report: RoundReport,
+        now: float,
+        *,
+        collect_low: float | None = None,
     ) -> None:
-        """Statuses of our messages in a page (written at once), and, in a forward scan, the
-        rows to decide on."""
+        """Statuses of our messages in a page (written at once), and the forward rows (created
+        at or after `collect_low`) to decide on."""
         updates: dict[int, list[Message]] = {}
         for row in rows:
             if row.direction != "out":
@@ -660,11 +675,12 @@ class MessageLog:
             )
             report.updated += updated
             report.conflicts += conflicts
-        if forward:
-            self._collect(rows, now)
+        if collect_low is not None:
+            self._collect(rows, now, collect_low)
 
-    def _collect(self, rows: Iterable[Message], now: float) -> None:
-        for row in rows:
+    def _collect(self, rows: Iterable[Message], now: float, low: float) -> None:
+        forward = [r for r in rows if (t := _ts(r.created_on)) is not None and t >= low]
+        for row in forward:
             if row.id in self._recent or row.id in self._undecided:
                 continue
             created = _ts(row.created_on)
@@ -673,7 +689,7 @@ class MessageLog:
             self._recent[row.id] = created
             if row.direction == "out" and self.mirror and not self._ours(row):
                 self._undecided[row.id] = Pending(row, now)
-        self._collect_incoming(rows, now, late=False)
+        self._collect_incoming(forward, now, late=False)
 
     def _collect_incoming(self, rows: Iterable[Message], now: float, *, late: bool) -> None:
         if not self.flows:

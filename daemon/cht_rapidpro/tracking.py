@@ -332,6 +332,15 @@ class TrackedIndex:
                 found.append(Due(keys[slot], float(time), bool(flags[slot] & _EXACT), overdue))
         return found
 
+    def oldest_refresh(self, now: float) -> float:
+        """Seconds since the least recently refreshed in-flight message was (0 if none)."""
+        ages = [
+            now - self._last[slot]
+            for slot, code in enumerate(self._code)
+            if code not in (DEAD, FINAL)
+        ]
+        return max(ages, default=0.0)
+
     def overdue(self, now: float, limit_s: float) -> int:
         """In-flight messages not refreshed for longer than `limit_s`."""
         return sum(

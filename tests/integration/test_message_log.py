@@ -5,6 +5,7 @@ CouchDB) and the sandbox, the daemon in process."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import uuid
@@ -15,6 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from cht_rapidpro.commands.parse import run_parse_rapidpro
+from cht_rapidpro.commands.status import collect, render
+from cht_rapidpro.config import Settings
 from cht_rapidpro.couch.client import CouchClient
 from cht_rapidpro.messagelog import MessageLog
 from cht_rapidpro.replicas import Presence
@@ -383,3 +387,59 @@ async def test_late_listed_sms_is_recovered_by_the_hourly_sweep(
     sandbox.handle_incoming(message)  # its webhook call failed; now listed, minutes "late"
     stored = await eventually(lambda: reports(cht), lambda r: len(r) == 1, within=30)
     assert stored[0]["sms_message"]["message"] == "handled late"
+
+
+# --- what status and parse show ------------------------------------------------------------------
+
+
+async def test_status_and_parse_show_what_was_mirrored_and_recovered(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    await install_cht_views(cht)
+    await jane(cht)
+    await cht.put_vault_credential("rapidpro:incoming", INCOMING_KEY)
+    env = {**MIRROR, **RECOVER, "CHT_RAPIDPRO_INSTANCE": "node-s"}
+    daemon = await daemon_factory(**env)
+    sandbox = rapidpro.sandbox
+    own = await cht.put(message_doc([task("+254700000041", "sent by CHT")]))
+    [reply] = sandbox.send_from_rapidpro([f"tel:{JANE}"], "See you tomorrow", flow=REMINDERS_FLOW)
+    await deliver(sandbox, dead_url(), JANE, "VISIT 7")
+    await eventually(lambda: mirrored(cht), lambda d: len(d) == 1)
+    await eventually(lambda: reports(cht), lambda r: len(r) == 1)
+    await eventually(lambda: cht.get(own["_id"]), lambda d: states(d) == ["delivered"])
+    await daemon.stop()  # the position is saved on the way out
+    [incoming] = [m for m in sandbox.messages if m.direction == "in"]
+    [ours] = [m for m in sandbox.messages if m.broadcast is not None]
+    [later] = sandbox.send_from_rapidpro(["tel:+254700000042"], "not mirrored yet")
+
+    settings = Settings.from_env({"COUCH_URL": cht.couch_url, "CHT_RAPIDPRO_PORT": "0", **env})
+    report = await collect(settings)
+    log = report.message_log
+    assert (log.mirror, log.flows, log.incoming_id) == (True, [INCOMING_FLOW["uuid"]], "run")
+    assert log.mirrored_docs == 1 and log.saved_by == "node-s"
+    assert log.counted == {"mirrored": 1, "recovered": 1}
+    text = render(report)
+    assert "rapidpro log mirroring on, recovery for 1 flow (webhook ids: run)" in text
+    assert (
+        "in CouchDB: 1 mirrored messages; counted by the followers: 1 mirrored, 1 incoming" in text
+    )
+    assert "See you tomorrow" not in text and JANE not in text
+
+    async def parse(message_id: int) -> dict[str, Any]:
+        out, err = io.StringIO(), io.StringIO()
+        assert await run_parse_rapidpro(settings, message_id=message_id, out=out, err=err) == 0
+        result: dict[str, Any] = json.loads(out.getvalue())
+        return result
+
+    shown = await parse(reply.id)
+    assert (shown["what"], shown["in_couchdb"]) == ("mirrored", True)
+    assert shown["document"]["tasks"][0]["messages"][0]["contact"]["_id"] == "person-jane"
+    shown = await parse(incoming.id)
+    assert (shown["what"], shown["in_couchdb"]) == ("stored", True)
+    assert shown["document"]["sms_message"]["message"] == "VISIT 7"
+    shown = await parse(ours.id)
+    assert (shown["what"], shown["doc_id"]) == ("sent by this daemon", own["_id"])
+    shown = await parse(later.id)
+    assert shown["what"].startswith("to be mirrored") and not shown["in_couchdb"]
+    assert shown["doc_id"] == f"rapidpro-msg:127.0.0.1:{later.id}"
+    assert shown["document"]["tasks"][0]["messages"][0]["to"] == "+254700000042"

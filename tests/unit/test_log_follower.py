@@ -144,10 +144,10 @@ def test_due_follows_the_refresh_interval_and_orders_nothing() -> None:
     wired = CODES[("forwarded-by-gateway", "Wired")]
     index.upsert(1, time=NOW - 10, code=wired, last=NOW - 10)  # young: every round
     index.upsert(2, time=NOW - 7200, code=wired, last=NOW - 1000)  # interval 1800 s
-    index.upsert(3, time=NOW - 86400, code=wired, last=NOW - 3700)  # hourly: overdue
+    index.upsert(3, time=NOW - 86400, code=wired, last=NOW - 3700)  # every 48 min: overdue
     due = index.due(NOW, lambda age: refresh_interval(age, poll_s=5))
-    assert {d.key: round(d.overdue) for d in due} == {1: 5, 3: 100}
-    assert index.overdue(NOW, 3600) == 1
+    assert {d.key: round(d.overdue) for d in due} == {1: 5, 3: 820}
+    assert index.overdue(NOW, 3600) == 1 and index.oldest_refresh(NOW) == 3700
 
 
 def test_compaction_keeps_everything_alive() -> None:
@@ -227,7 +227,7 @@ def test_own_content_covers_claims_and_multi_message_tasks_only() -> None:
 
 @pytest.mark.parametrize(
     ("age", "interval"),
-    [(0, 60), (200, 60), (240, 60), (600, 150), (3600, 900), (4 * 3600, 3600), (7 * 86400, 3600)],
+    [(0, 60), (200, 60), (240, 60), (600, 150), (3600, 900), (4 * 3600, 2880), (7 * 86400, 2880)],
     ids=["new", "young", "4-min", "10-min", "1-hour", "4-hours", "7-days"],
 )
 def test_refresh_interval(age: float, interval: float) -> None:
