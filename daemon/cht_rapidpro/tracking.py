@@ -365,6 +365,14 @@ class TrackedIndex:
         except MalformedTaskError:
             return
         for _, task in tasks:
+            # Every broadcast of a message sent in parts (`gateway_refs`, the first of which
+            # is `gateway_ref`): their rows are ours too, whatever their status.
+            extra = task.get("gateway_refs")
+            for ref in extra if isinstance(extra, list) else ():
+                part = index_key(ref)
+                first = index_key(task.get("gateway_ref"))
+                if part is not None and part != first and not self.tracked(part):
+                    self.finish(part, now)
             key = index_key(task.get("gateway_ref"))
             if key is None:
                 continue
@@ -425,20 +433,23 @@ def content_key(phone: Any, text: Any) -> tuple[str, str]:
 
 
 class OwnContent:
-    """Numbers and texts of our sends whose broadcast CouchDB may not name yet.
+    """Our sends whose broadcast CouchDB may not name yet, by number (and text).
 
-    From the changes feed: every message of a task we claimed and have not written back
-    (`forwarded-to-gateway` with our claim), and every message of an in-flight task with
-    several messages (its task keeps only the last broadcast id). Small: only sends in
-    progress and the rare multi-message tasks.
+    From the changes feed: the numbers of every task we claimed and have not written back
+    (`forwarded-to-gateway` with our claim: posted or about to be, possibly in several parts
+    whose texts differ from the message's), and the number and text of every message of an
+    in-flight task with several messages (its task keeps only the last broadcast id). A row to
+    such a number waits rather than being mirrored: small, only sends in progress and the rare
+    multi-message tasks.
     """
 
     def __init__(self) -> None:
-        self._by_doc: dict[str, list[tuple[str, str]]] = {}
-        self._counts: Counter[tuple[str, str]] = Counter()
+        self._by_doc: dict[str, tuple[list[str], list[tuple[str, str]]]] = {}
+        self._numbers: Counter[str] = Counter()
+        self._contents: Counter[tuple[str, str]] = Counter()
 
     def __len__(self) -> int:
-        return sum(self._counts.values())
+        return sum(self._numbers.values()) + sum(self._contents.values())
 
     def update_doc(self, doc: Mapping[str, Any], app_settings: Mapping[str, Any]) -> None:
         doc_id = doc.get("_id")
@@ -447,7 +458,8 @@ class OwnContent:
         self.remove_doc(doc_id)
         if doc.get("_deleted"):
             return
-        found: list[tuple[str, str]] = []
+        numbers: list[str] = []
+        contents: list[tuple[str, str]] = []
         try:
             for _, task in iter_tasks(doc):
                 state = task.get("state")
@@ -462,20 +474,30 @@ class OwnContent:
                     if isinstance(message, dict) and js_truthy(message.get("to")):
                         to = message.get("to")
                         number = normalize(app_settings, to) or to
-                        found.append(content_key(number, message.get("message")))
+                        if claimed:
+                            numbers.append(number_tail(number))
+                        else:
+                            contents.append(content_key(number, message.get("message")))
         except MalformedTaskError:
             return
-        if found:
-            self._by_doc[doc_id] = found
-            self._counts.update(found)
+        if numbers or contents:
+            self._by_doc[doc_id] = (numbers, contents)
+            self._numbers.update(numbers)
+            self._contents.update(contents)
 
     def remove_doc(self, doc_id: str) -> None:
         old = self._by_doc.pop(doc_id, None)
-        if old:
-            self._counts.subtract(old)
-            for item in old:
-                if self._counts[item] <= 0:
-                    del self._counts[item]
+        if old is None:
+            return
+        numbers, contents = old
+        self._numbers.subtract(numbers)
+        self._contents.subtract(contents)
+        for number in numbers:
+            if self._numbers.get(number, 0) <= 0:
+                self._numbers.pop(number, None)
+        for content in contents:
+            if self._contents.get(content, 0) <= 0:
+                self._contents.pop(content, None)
 
     def matches(self, urn: Any, text: Any) -> bool:
-        return content_key(urn, text) in self._counts
+        return number_tail(urn) in self._numbers or content_key(urn, text) in self._contents
