@@ -390,27 +390,27 @@ class MessageLog:
         poll = self._settings.poll_interval_s
         due = self.index.due(now, lambda age: refresh_interval(age, poll_s=poll))
         report.due = len(due)
+        spend = _Spend(self._allowance())
         actions = plan(
             due,
             self.position.density,
             now=now,
             margins=self._margins,
             lookups_work=self._lookups_work,
+            max_lookups=spend.left,
         )
+        del due
         main: Scan | None = None
         if self.follows_log:
             top = self.position.top if self.position.top is not None else now
-            main = Scan(low=top - OVERLAP_S, high=None, keys=[], windows={}, pages=None, priority=0)
+            main = Scan(low=top - OVERLAP_S, high=None)
         for action in list(actions):
             if isinstance(action, Scan) and action.high is None:
                 actions.remove(action)
                 if main is None:
                     main = action
                 else:
-                    main.low = min(main.low, action.low)
-                    main.keys += action.keys
-                    main.windows.update(action.windows)
-        spend = _Spend(self._allowance())
+                    main.absorb(action)
         host = target.url.host or "rapidpro"
         try:
             if main is not None:
@@ -548,10 +548,8 @@ class MessageLog:
                     if created:
                         newest = max(newest or created[0], max(created))
                     await self._rows(target, page, report, now, collect_low=collect_low)
-                    covered = set(progress.covered())
-                    remaining = [k for k in scan.keys if k not in covered]
-                    if not forward and not progress.worth_going_on(len(remaining)):
-                        left = [Lookup(key, scan.priority) for key in remaining]
+                    if not forward and not progress.worth_going_on():
+                        left = [Lookup(key, scan.priority) for key in progress.uncovered()]
                         break
                 else:
                     complete = True
@@ -561,9 +559,7 @@ class MessageLog:
                 density.record(low, top, progress.counts)
                 self._dirty = True
             keys = scan.keys if complete else progress.covered()
-            for key in keys:
-                self.index.refreshed(key, now)
-            report.refreshed += len(keys)
+            report.refreshed += self.index.refreshed_many(keys, now)
             if collect_low is not None:
                 self._forward_done(collect_low, gap, complete, progress.oldest, newest)
         return left
@@ -596,7 +592,7 @@ class MessageLog:
     ) -> None:
         """Read the gaps earlier rounds left, newest first."""
         for gap in sorted(self.position.gaps, key=lambda g: g[1], reverse=True):
-            scan = Scan(low=gap[0], high=gap[1], keys=[], windows={}, pages=None, priority=0)
+            scan = Scan(low=gap[0], high=gap[1])
             await self._scan(target, scan, spend, report, now, collect_low=gap[0], gap=gap)
 
     async def _lookup(

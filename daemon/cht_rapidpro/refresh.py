@@ -31,12 +31,15 @@ look-ups as soon as it proves dearer, see `ScanProgress`), else looked up.
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
+from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tracking import Due
+from .tracking import DueSet
 
 PAGE = 250
 BUCKET_S = 600
@@ -136,26 +139,38 @@ class Margins:
     before_s: float = 120.0
     after_s: float = 140.0
 
-    def window(self, item: Due) -> tuple[float, float]:
-        if item.exact:
-            return item.time - self.exact_s, item.time + self.exact_s
-        return item.time - self.before_s, item.time + self.after_s
+    def window(self, time: float, exact: bool) -> tuple[float, float]:
+        if exact:
+            return time - self.exact_s, time + self.exact_s
+        return time - self.before_s, time + self.after_s
+
+
+#: A scan with more keys than this never gives up for look-ups (they would cost far more).
+ABORT_CHECK_MAX = 5000
 
 
 @dataclass(slots=True)
 class Scan:
-    """Read every row created in [low, high] (high None: up to now), newest first."""
+    """Read every row created in [low, high] (high None: up to now), newest first, for the
+    tracked messages `keys` (each with the lowest `lows` its row may have)."""
 
     low: float
     high: float | None
-    keys: list[int]
-    windows: dict[int, tuple[float, float]]
-    pages: float | None  # estimated requests (None: density unknown)
-    priority: float
+    keys: array[int] = field(default_factory=lambda: array("q"))
+    lows: array[float] = field(default_factory=lambda: array("d"))
+    pages: float | None = None  # estimated requests (None: density unknown)
+    priority: float = 0.0
 
     @property
     def kind(self) -> str:
         return "scan"
+
+    def absorb(self, other: Scan) -> None:
+        """Read `other`'s keys too (its window lies within or below this one's)."""
+        self.low = min(self.low, other.low)
+        self.keys.extend(other.keys)
+        self.lows.extend(other.lows)
+        self.priority = max(self.priority, other.priority)
 
 
 @dataclass(slots=True)
@@ -176,42 +191,46 @@ Action = Scan | Lookup
 @dataclass(slots=True)
 class _Group:
     number: int
-    items: list[Due] = field(default_factory=list)
+    members: array[int] = field(default_factory=lambda: array("q"))  # indexes into the DueSet
     low: float = math.inf
     high: float = -math.inf
+    overdue: float = 0.0
     rows: float | None = None
-
-    def add(self, item: Due, window: tuple[float, float]) -> None:
-        self.items.append(item)
-        self.low = min(self.low, window[0])
-        self.high = max(self.high, window[1])
 
 
 def plan(
-    due: Iterable[Due],
+    due: DueSet,
     density: Density,
     *,
     now: float,
     margins: Margins,
     lookups_work: bool = True,
+    max_lookups: int | None = None,
     page: int = PAGE,
 ) -> list[Action]:
     """The cheapest way to refresh `due` (see the module docstring), most overdue first.
 
-    A scan that reaches into the last `margins.after_s` is left open-ended (up to now).
+    A scan that reaches into the last `margins.after_s` is left open-ended (up to now). At most
+    `max_lookups` look-ups are planned (the round could not afford more), the most overdue.
     """
     groups: dict[int, _Group] = {}
-    windows: dict[int, tuple[float, float]] = {}
-    for item in due:
-        window = margins.window(item)
-        windows[item.key] = window
-        number = density.bucket(item.time)
-        groups.setdefault(number, _Group(number)).add(item, window)
+    times, exact, overdue = due.times, due.exact, due.overdue
+    bucket_s = density.bucket_s
+    for i in range(len(due)):
+        low, high = margins.window(times[i], bool(exact[i]))
+        number = math.floor(times[i] / bucket_s)
+        group = groups.get(number)
+        if group is None:
+            group = groups[number] = _Group(number)
+        group.members.append(i)
+        group.low = min(group.low, low)
+        group.high = max(group.high, high)
+        group.overdue = max(group.overdue, overdue[i])
     scans: list[_Group] = []
-    actions: list[Action] = []
+    looked_up: list[tuple[float, int]] = []
     for number in sorted(groups):
         group = groups[number]
-        count = len(group.items)
+        count = len(group.members)
         group.rows = density.estimate(group.low, min(group.high, now))
         if group.rows is None:
             use_scan = count > UNKNOWN_SCAN_MIN or not lookups_work
@@ -220,33 +239,37 @@ def plan(
         if use_scan:
             scans.append(group)
         else:
-            actions += [Lookup(item.key, item.overdue) for item in group.items]
+            looked_up += [(overdue[i], due.keys[i]) for i in group.members]
     merged: list[_Group] = []
     for group in scans:
         last = merged[-1] if merged else None
         if last is not None and _cheaper_together(last, group, density, page, now):
             gap = density.estimate(last.high, group.low)
-            last.items += group.items
+            last.members.extend(group.members)
             last.rows = (
                 None
                 if last.rows is None or group.rows is None or gap is None
                 else last.rows + group.rows + max(0.0, gap)
             )
             last.low, last.high = min(last.low, group.low), max(last.high, group.high)
+            last.overdue = max(last.overdue, group.overdue)
         else:
             merged.append(group)
+    if max_lookups is not None and len(looked_up) > max_lookups:
+        looked_up = heapq.nlargest(max_lookups, looked_up)
+    actions: list[Action] = [Lookup(key, priority) for priority, key in looked_up]
     for group in merged:
         open_ended = group.high >= now - margins.after_s
-        actions.append(
-            Scan(
-                low=group.low,
-                high=None if open_ended else group.high,
-                keys=[item.key for item in group.items],
-                windows={item.key: windows[item.key] for item in group.items},
-                pages=None if group.rows is None else max(1.0, math.ceil(group.rows / page)),
-                priority=max(item.overdue for item in group.items),
-            )
+        scan = Scan(
+            low=group.low,
+            high=None if open_ended else group.high,
+            pages=None if group.rows is None else max(1.0, math.ceil(group.rows / page)),
+            priority=group.overdue,
         )
+        for i in group.members:
+            scan.keys.append(due.keys[i])
+            scan.lows.append(margins.window(times[i], bool(exact[i]))[0])
+        actions.append(scan)
     actions.sort(key=lambda action: action.priority, reverse=True)
     return actions
 
@@ -269,9 +292,9 @@ def _cheaper_together(
 class ScanProgress:
     """A scan under way: what it has covered, and whether going on still pays.
 
-    Rows come newest first. After each page, the keys whose window lies entirely above the
-    oldest row read are covered. Going on is dearer than looking the rest up when the pages
-    still to read (at the density seen so far) exceed the messages left plus one.
+    Rows come newest first. A key is covered once the oldest row read is older than the lowest
+    its row may have. Going on is dearer than looking the rest up when the pages still to read
+    (at the density seen so far) exceed the messages left plus one.
     """
 
     scan: Scan
@@ -280,6 +303,7 @@ class ScanProgress:
     rows: int = 0
     pages: int = 0
     counts: dict[int, int] = field(default_factory=dict)
+    _sorted_lows: list[float] | None = None
 
     def add_page(self, created: Iterable[float], density: Density) -> None:
         self.pages += 1
@@ -294,10 +318,28 @@ class ScanProgress:
         """Keys whose whole window has been read (all of them once the scan ended)."""
         if self.oldest is None:
             return []
-        return [key for key, (low, _) in self.scan.windows.items() if low > self.oldest]
+        oldest = self.oldest
+        return [
+            key for key, low in zip(self.scan.keys, self.scan.lows, strict=True) if low > oldest
+        ]
 
-    def worth_going_on(self, left: int, page: int = PAGE) -> bool:
-        if self.oldest is None or self.pages < 2:
+    def uncovered(self) -> list[int]:
+        oldest = self.oldest if self.oldest is not None else math.inf
+        return [k for k, low in zip(self.scan.keys, self.scan.lows, strict=True) if low <= oldest]
+
+    def left(self) -> int | None:
+        """How many keys are not covered yet (None: too many to count each page)."""
+        if len(self.scan.keys) > ABORT_CHECK_MAX:
+            return None
+        if self._sorted_lows is None:
+            self._sorted_lows = sorted(self.scan.lows)
+        if self.oldest is None:
+            return len(self._sorted_lows)
+        return bisect.bisect_right(self._sorted_lows, self.oldest)
+
+    def worth_going_on(self, page: int = PAGE) -> bool:
+        left = self.left()
+        if left is None or self.oldest is None or self.pages < 2:
             return True
         span = self.top - self.oldest
         if span <= 0:

@@ -9,7 +9,8 @@ take 3.4 MB): when RapidPro created it (or, until a row of RapidPro's log was se
 was sent), when its status was last asked of RapidPro, and the state CHT shows (so that a poll
 with no news costs no CouchDB read). The tasks themselves are read from CouchDB when a status
 changes, by `gateway_ref` through CHT's `medic-sms/messages_by_gateway_ref` view; without that
-view the index also keeps each key's document id (`doc_ids`, about 150 bytes a message).
+view the index also keeps each key's document id (16 more bytes for a uuid, the ids CHT gives
+its documents; a dictionary entry for any other id).
 
 Messages that reached a final state stay known as ours for `FINAL_RETENTION_S`, so that a row
 of RapidPro's log for a message delivered within seconds is never taken for a foreign one.
@@ -24,9 +25,10 @@ from __future__ import annotations
 
 import bisect
 import re
+import uuid
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -111,6 +113,94 @@ class Due:
     overdue: float  # seconds past its refresh interval (priority)
 
 
+class DueSet:
+    """Due messages as parallel arrays: a round may find hundreds of thousands due at once
+    (a restart), and a Python object each would cost tens of megabytes for a moment."""
+
+    __slots__ = ("exact", "keys", "overdue", "times")
+
+    def __init__(self) -> None:
+        self.keys = array("q")
+        self.times = array("d")
+        self.exact = bytearray()
+        self.overdue = array("d")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, key: int, time: float, exact: bool, overdue: float) -> None:
+        self.keys.append(key)
+        self.times.append(time)
+        self.exact.append(1 if exact else 0)
+        self.overdue.append(overdue)
+
+    @classmethod
+    def of(cls, items: Iterable[Due]) -> DueSet:
+        found = cls()
+        for item in items:
+            found.add(item.key, item.time, item.exact, item.overdue)
+        return found
+
+    def items(self) -> Iterator[Due]:
+        for i, key in enumerate(self.keys):
+            yield Due(key, self.times[i], bool(self.exact[i]), self.overdue[i])
+
+
+_NO_ID = bytes(16)
+
+
+def _uuid_bytes(doc_id: str) -> bytes | None:
+    """The 16 bytes of a document id written as a canonical uuid, else None."""
+    try:
+        value = uuid.UUID(doc_id)
+    except ValueError:
+        return None
+    return value.bytes if value.int and str(value) == doc_id else None
+
+
+class _DocIds:
+    """A document id per slot: 16 bytes for a uuid id (the slot's part of `raw`), or an entry
+    of `other` (by key) for any other id."""
+
+    def __init__(self, slots: int) -> None:
+        self.raw = bytearray(16 * slots)
+        self.other: dict[int, str] = {}
+
+    def insert(self, slot: int) -> None:
+        self.raw[slot * 16 : slot * 16] = _NO_ID
+
+    def set(self, slot: int, key: int, doc_id: str) -> None:
+        packed = _uuid_bytes(doc_id)
+        self.raw[slot * 16 : slot * 16 + 16] = packed or _NO_ID
+        if packed is None:
+            self.other[key] = doc_id
+        else:
+            self.other.pop(key, None)
+
+    def clear(self, slot: int, key: int) -> None:
+        self.raw[slot * 16 : slot * 16 + 16] = _NO_ID
+        self.other.pop(key, None)
+
+    def get(self, slot: int, key: int) -> str | None:
+        packed = bytes(self.raw[slot * 16 : slot * 16 + 16])
+        return str(uuid.UUID(bytes=packed)) if packed != _NO_ID else self.other.get(key)
+
+    def slots_of(self, doc_id: str, keys: array[int]) -> list[int]:
+        packed = _uuid_bytes(doc_id)
+        if packed is None:
+            wanted = {k for k, d in self.other.items() if d == doc_id}
+            return [slot for slot, key in enumerate(keys) if key in wanted]
+        found, start = [], 0
+        while (at := self.raw.find(packed, start)) >= 0:
+            if at % 16 == 0:
+                found.append(at // 16)
+            start = at + 1
+        return found
+
+    def compact(self, keep: list[int]) -> None:
+        self.raw = bytearray(b"".join(self.raw[i * 16 : i * 16 + 16] for i in keep))
+
+
 class TrackedIndex:
     """Messages whose RapidPro status may still change (see the module docstring)."""
 
@@ -122,7 +212,7 @@ class TrackedIndex:
         self._flags = array("B")
         self._dead = 0
         self._live = 0
-        self.doc_ids: dict[int, str] | None = {} if keep_doc_ids else None
+        self._ids: _DocIds | None = _DocIds(0) if keep_doc_ids else None
 
     # -- sizes ------------------------------------------------------------------------------
 
@@ -134,12 +224,16 @@ class TrackedIndex:
     def slots(self) -> int:
         return len(self._keys)
 
+    @property
+    def keeps_doc_ids(self) -> bool:
+        return self._ids is not None
+
     def keep_doc_ids(self, keep: bool) -> None:
         """Keep document ids (no CHT view to find tasks by `gateway_ref`) or drop them."""
-        if keep and self.doc_ids is None:
-            self.doc_ids = {}
+        if keep and self._ids is None:
+            self._ids = _DocIds(len(self._keys))
         elif not keep:
-            self.doc_ids = None
+            self._ids = None
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -176,7 +270,10 @@ class TrackedIndex:
         return float(self._time[slot]), bool(self._flags[slot] & _EXACT)
 
     def doc_id(self, key: int) -> str | None:
-        return None if self.doc_ids is None else self.doc_ids.get(key)
+        slot = self._find(key)
+        if self._ids is None or slot < 0 or self._code[slot] in (DEAD, FINAL):
+            return None
+        return self._ids.get(slot, key)
 
     def keys(self) -> Iterator[int]:
         """Keys in flight, in key order."""
@@ -203,11 +300,8 @@ class TrackedIndex:
         slot = self._find(key)
         if slot < 0:
             slot = bisect.bisect_left(self._keys, key)
-            self._keys.insert(slot, key)
-            self._time.insert(slot, int(time))
-            self._last.insert(slot, int(last if last is not None else time))
-            self._code.insert(slot, code)
-            self._flags.insert(slot, _EXACT if exact else 0)
+            self._insert(slot, key, time, last if last is not None else time, code)
+            self._flags[slot] = _EXACT if exact else 0
             self._live += 1
         else:
             previous = self._code[slot]
@@ -223,8 +317,17 @@ class TrackedIndex:
             self._code[slot] = code
             if last is not None:
                 self._last[slot] = int(last)
-        if doc_id is not None and self.doc_ids is not None:
-            self.doc_ids[key] = doc_id
+        if doc_id is not None and self._ids is not None:
+            self._ids.set(slot, key, doc_id)
+
+    def _insert(self, slot: int, key: int, time: float, last: float, code: int) -> None:
+        self._keys.insert(slot, key)
+        self._time.insert(slot, int(time))
+        self._last.insert(slot, int(last))
+        self._code.insert(slot, code)
+        self._flags.insert(slot, 0)
+        if self._ids is not None:
+            self._ids.insert(slot)
 
     def set_code(self, key: int, code: int) -> None:
         slot = self._find(key)
@@ -248,12 +351,7 @@ class TrackedIndex:
         """No longer in flight; recognised as ours for FINAL_RETENTION_S."""
         slot = self._find(key)
         if slot < 0:
-            slot = bisect.bisect_left(self._keys, key)
-            self._keys.insert(slot, key)
-            self._time.insert(slot, int(now))
-            self._last.insert(slot, int(now))
-            self._code.insert(slot, FINAL)
-            self._flags.insert(slot, 0)
+            self._insert(bisect.bisect_left(self._keys, key), key, now, now, FINAL)
             return
         code = self._code[slot]
         if code == FINAL:
@@ -264,8 +362,8 @@ class TrackedIndex:
             self._live -= 1
         self._code[slot] = FINAL
         self._last[slot] = int(now)
-        if self.doc_ids is not None:
-            self.doc_ids.pop(key, None)
+        if self._ids is not None:
+            self._ids.clear(slot, key)
 
     def remove(self, key: int) -> None:
         slot = self._find(key)
@@ -275,8 +373,8 @@ class TrackedIndex:
             self._live -= 1
         self._code[slot] = DEAD
         self._dead += 1
-        if self.doc_ids is not None:
-            self.doc_ids.pop(key, None)
+        if self._ids is not None:
+            self._ids.clear(slot, key)
         self._maybe_compact()
 
     def _maybe_compact(self) -> None:
@@ -291,6 +389,8 @@ class TrackedIndex:
         self._last = array("i", (self._last[i] for i in keep))
         self._code = array("B", (self._code[i] for i in keep))
         self._flags = array("B", (self._flags[i] for i in keep))
+        if self._ids is not None:
+            self._ids.compact(keep)
         self._dead = 0
 
     def expire(self, now: float, *, sent_grace_s: float, max_tracking_s: float) -> int:
@@ -314,14 +414,14 @@ class TrackedIndex:
                 self._last[slot] = int(now)
                 self._live -= 1
                 dropped += 1
-                if self.doc_ids is not None:
-                    self.doc_ids.pop(self._keys[slot], None)
+                if self._ids is not None:
+                    self._ids.clear(slot, self._keys[slot])
         self._maybe_compact()
         return dropped
 
-    def due(self, now: float, interval: Callable[[float], float]) -> list[Due]:
+    def due(self, now: float, interval: Callable[[float], float]) -> DueSet:
         """In-flight messages whose last refresh is older than `interval(age)`."""
-        found = []
+        found = DueSet()
         keys, times, lasts, flags = self._keys, self._time, self._last, self._flags
         for slot, code in enumerate(self._code):
             if code in (DEAD, FINAL):
@@ -329,8 +429,19 @@ class TrackedIndex:
             time = times[slot]
             overdue = now - lasts[slot] - interval(now - time)
             if overdue >= 0:
-                found.append(Due(keys[slot], float(time), bool(flags[slot] & _EXACT), overdue))
+                found.add(keys[slot], float(time), bool(flags[slot] & _EXACT), overdue)
         return found
+
+    def refreshed_many(self, keys: Iterable[int], now: float) -> int:
+        """`refreshed` for many keys; returns how many are in flight."""
+        count = 0
+        stamp = int(now)
+        for key in keys:
+            slot = self._find(key)
+            if slot >= 0 and self._code[slot] not in (DEAD, FINAL):
+                self._last[slot] = stamp
+                count += 1
+        return count
 
     def oldest_refresh(self, now: float) -> float:
         """Seconds since the least recently refreshed in-flight message was (0 if none)."""
@@ -392,10 +503,11 @@ class TrackedIndex:
 
     def remove_doc(self, doc_id: str, now: float) -> None:
         """A deleted document (only its id is known): forget its keys if we know them."""
-        if self.doc_ids is None:
+        if self._ids is None:
             return  # resolved when a lookup finds no task for the key
-        for key in [k for k, d in self.doc_ids.items() if d == doc_id]:
-            self.finish(key, now)
+        for slot in self._ids.slots_of(doc_id, self._keys):
+            if self._code[slot] not in (DEAD, FINAL):
+                self.finish(self._keys[slot], now)
 
 
 def _has_message(task: Mapping[str, Any]) -> bool:

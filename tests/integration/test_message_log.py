@@ -443,3 +443,43 @@ async def test_status_and_parse_show_what_was_mirrored_and_recovered(
     assert shown["what"].startswith("to be mirrored") and not shown["in_couchdb"]
     assert shown["doc_id"] == f"rapidpro-msg:127.0.0.1:{later.id}"
     assert shown["document"]["tasks"][0]["messages"][0]["to"] == "+254700000042"
+
+
+async def test_community_rapidpro_9_without_message_uuids(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    # RapidPro 9's API lists message ids but no uuids: mirrors get a stable made-up uuid,
+    # recovery pairs messages with their runs (CHT's body); the message-uuid body cannot work.
+    await install_cht_views(cht)
+    await cht.put_vault_credential("rapidpro:incoming", INCOMING_KEY)
+    sandbox = rapidpro.sandbox
+    sandbox.configure(dialect="v9")
+    env = {**MIRROR, **RECOVER, "CHT_RAPIDPRO_INSTANCE": "node-9"}
+    daemon = await daemon_factory(**env)
+    await rounds_after(daemon, 2)
+    await daemon.stop()
+    down = dead_url()
+    for n in range(5):
+        await deliver(sandbox, down, "+254700800001", f"VISIT {n % 2}")  # repeats too
+    replies = sandbox.send_from_rapidpro(
+        ["tel:+254700800002", "tel:+254700800003"], "Thanks", flow=REMINDERS_FLOW
+    )
+    daemon = await daemon_factory(**env)
+    stored = await eventually(lambda: reports(cht), lambda r: len(r) == 5, within=30)
+    assert sorted(d["sms_message"]["gateway_ref"] for d in stored) == sorted(
+        r.uuid for r in sandbox.runs
+    )
+    docs = await eventually(lambda: mirrored(cht), lambda d: len(d) == 2)
+    assert {d["rapidpro"]["message_id"] for d in docs} == {m.id for m in replies}
+    assert all(d["rapidpro"]["message_uuid"] is None for d in docs)
+    assert len({d["tasks"][0]["messages"][0]["uuid"] for d in docs}) == 2
+    await daemon.stop()
+
+    # The extended body's message uuids cannot be matched on RapidPro 9: never stored twice,
+    # never guessed; said in the log and counted.
+    await deliver(sandbox, down, "+254700800009", "WHILE DOWN")
+    message_mode = await daemon_factory(**env, CHT_RAPIDPRO_INCOMING_ID="message")
+    await rounds_after(message_mode, 5)
+    assert len(await reports(cht)) == 5
+    unrecoverable = message_mode.gateway.metrics.incoming_unrecoverable._value.get()
+    assert unrecoverable == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import tracemalloc
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,9 +27,9 @@ from cht_rapidpro.refresh import (
     Margins,
     Scan,
     ScanProgress,
-    plan,
     refresh_interval,
 )
+from cht_rapidpro.refresh import plan as plan_arrays
 from cht_rapidpro.tracking import (
     CODES,
     FINAL,
@@ -36,6 +37,7 @@ from cht_rapidpro.tracking import (
     MIRROR_BASE,
     UNKNOWN,
     Due,
+    DueSet,
     OwnContent,
     TrackedIndex,
     code_for,
@@ -126,7 +128,28 @@ def test_exact_time_from_rapidpro_is_kept_over_the_send_time() -> None:
     index.seen(1, NOW - 50, NOW)
     index.update_doc(in_flight_doc("d1", 1, state="sent"), NOW + 5)  # the feed, later
     assert index.time_of(1) == (NOW - 50, True)
-    assert index.doc_ids is None
+    assert not index.keeps_doc_ids and index.doc_id(1) is None
+
+
+def test_document_ids_kept_without_chts_view() -> None:
+    index = TrackedIndex(keep_doc_ids=True)
+    ids = [
+        "0b6a9f6e-2f4b-4c3e-8c9a-1d2e3f4a5b6c",
+        "report:not-a-uuid",
+        "0B6A9F6E-2F4B-4C3E-8C9A-1D2E3F4A5B6D",
+    ]
+    for n, doc_id in enumerate(ids, 1):
+        index.update_doc(in_flight_doc(doc_id, n), NOW)
+    assert [index.doc_id(n) for n in (1, 2, 3)] == ids  # upper case is kept as written
+    index.remove_doc(ids[0], NOW)
+    index.remove_doc(ids[1], NOW)
+    assert [index.tracked(n) for n in (1, 2, 3)] == [False, False, True]
+    for key in range(10, 3000):
+        index.upsert(key, time=NOW, code=0, doc_id=str(uuid.UUID(int=key)))
+    for key in range(10, 3000, 2):
+        index.remove(key)
+    index.compact()
+    assert index.doc_id(11) == str(uuid.UUID(int=11)) and index.doc_id(3) == ids[2]
 
 
 def test_expiry_of_sent_and_old_messages() -> None:
@@ -146,7 +169,7 @@ def test_due_follows_the_refresh_interval_and_orders_nothing() -> None:
     index.upsert(2, time=NOW - 7200, code=wired, last=NOW - 1000)  # interval 1800 s
     index.upsert(3, time=NOW - 86400, code=wired, last=NOW - 3700)  # every 48 min: overdue
     due = index.due(NOW, lambda age: refresh_interval(age, poll_s=5))
-    assert {d.key: round(d.overdue) for d in due} == {1: 5, 3: 820}
+    assert {d.key: round(d.overdue) for d in due.items()} == {1: 5, 3: 820}
     assert index.overdue(NOW, 3600) == 1 and index.oldest_refresh(NOW) == 3700
 
 
@@ -262,6 +285,10 @@ def due(key: int, time: float, overdue: float = 0.0, exact: bool = True) -> Due:
     return Due(key, time, exact, overdue)
 
 
+def plan(items: list[Due], density: Density, **options: Any) -> list[Any]:
+    return plan_arrays(DueSet.of(items), density, **options)
+
+
 def dense(density: Density, low: float, high: float, rate: float) -> None:
     """Teach `density` that the workspace created `rate` rows a second in [low, high]."""
     counts: dict[int, int] = {}
@@ -347,25 +374,43 @@ def test_adjacent_cheap_buckets_merge_into_one_scan() -> None:
 
 
 def test_approximate_times_widen_the_window_by_the_clock_skew() -> None:
-    assert MARGINS.window(due(1, NOW, exact=False)) == (NOW - 120, NOW + 140)
-    assert MARGINS.window(due(1, NOW, exact=True)) == (NOW - 1, NOW + 1)
+    assert MARGINS.window(NOW, False) == (NOW - 120, NOW + 140)
+    assert MARGINS.window(NOW, True) == (NOW - 1, NOW + 1)
+
+
+def test_look_ups_are_capped_by_what_the_round_can_afford() -> None:
+    density = Density()
+    dense(density, NOW - 7 * 86400, NOW, 2.0)
+    items = [due(k, NOW - 86400 - k * 3000, overdue=k) for k in range(50)]
+    actions = plan(items, density, now=NOW, margins=MARGINS, max_lookups=10)
+    assert [a.key for a in actions] == list(range(49, 39, -1))  # the most overdue
+
+
+def test_a_restart_with_200000_due_plans_without_an_object_each() -> None:
+    index = TrackedIndex(keep_doc_ids=False)
+    for key in range(1000, 201_000):
+        index.upsert(key, time=NOW - 600 + key % 600, code=1, last=NOW - 700)
+    tracemalloc.start()
+    due = index.due(NOW, lambda age: refresh_interval(age, poll_s=5))
+    actions = plan_arrays(due, Density(), now=NOW, margins=MARGINS)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    [scan] = actions
+    assert isinstance(scan, Scan) and len(scan.keys) == 200_000 and scan.high is None
+    assert peak / 200_000 < 80  # bytes per due message at the peak (arrays: about 41)
 
 
 def test_scan_progress_gives_up_when_look_ups_are_cheaper() -> None:
     density = Density()
-    scan = Scan(
-        low=NOW - 86400,
-        high=NOW,
-        keys=[1, 2],
-        windows={1: (NOW - 50_000, NOW - 49_000), 2: (NOW - 80_000, NOW - 79_000)},
-        pages=None,
-        priority=0,
-    )
+    scan = Scan(low=NOW - 86400, high=NOW)
+    scan.keys.extend([1, 2])
+    scan.lows.extend([NOW - 50_000, NOW - 80_000])
     progress = ScanProgress(scan=scan, top=NOW)
     for page in range(3):  # 250 rows per 100 s: the day would take 864 pages
         progress.add_page((NOW - page * 100 - i * 0.4 for i in range(250)), density)
-    assert progress.covered() == []
-    assert not progress.worth_going_on(left=2)
+    assert progress.covered() == [] and progress.uncovered() == [1, 2]
+    assert progress.left() == 2
+    assert not progress.worth_going_on()
     assert progress.pages == 3 and progress.rows == 750
 
 
