@@ -564,8 +564,8 @@ async def bench_polling(ctx: Context) -> Result:
         "`status_poll_completed` lines, taken from the first rounds that tracked every message.",
         f"- Cross-check: the sandbox answered {gets} `GET /api/v2/messages.json` over the whole "
         f"benchmark; the daemon's log lines sum to {logged} over {len(all_rounds)} rounds.",
-        "- The sandbox's own time per `GET messages.json` page (it filters and sorts every "
-        "message for each page, in the benchmark process): "
+        "- The sandbox's own time per `GET messages.json` page (it finds the window's first "
+        "row by bisection and walks from there, in the benchmark process): "
         f"{distribution([v * 1000 for v in get_handling])}; the rest of a round is the daemon "
         "(matching, and reading every matched document back from CouchDB, see the notes).",
         f"- {meter.summary()}.",
@@ -1008,8 +1008,9 @@ async def bench_inflight(ctx: Context) -> Result:
         ],
         "- What is kept per tracked message: the index's parallel arrays (17 bytes: broadcast "
         "id, RapidPro's time, last refresh, state code, flags); without CHT's "
-        "`medic-sms/messages_by_gateway_ref` view also the document id (a Python string and a "
-        "dict slot). Tasks are read from CouchDB only when a status changes.",
+        "`medic-sms/messages_by_gateway_ref` view also the document id (16 bytes for a uuid). "
+        "A round plans from arrays too (a restart finds everything due at once). Tasks are "
+        "read from CouchDB only when a status changes.",
         *[line for item in [*found, fallback] for line in daemon_notes(item["daemon"])],
     ]
     return result
