@@ -762,11 +762,12 @@ class MessageLog:
         new = []
         for pending in candidates:
             row = pending.row
-            del self._undecided[row.id]
             if mirror_id(host, row.id) in known or (
                 row.broadcast is not None and row.broadcast in known
             ):
-                continue  # ours, or mirrored already (by a replica, or before a restart)
+                # Ours, or mirrored already (by a replica, or before a restart).
+                del self._undecided[row.id]
+                continue
             new.append(row)
         contacts = await self._contacts_for([recipient(row.urn) for row in new], now)
         docs = []
@@ -775,12 +776,24 @@ class MessageLog:
             contact = contacts.get(phone) if phone else None
             doc = mirror_doc(row, host=host, contact=contact, now=self._clock())
             if doc is None:
+                del self._undecided[row.id]
                 self._log.info("mirror_skipped", message_id=row.id, reason="no number or text")
                 continue
             docs.append((row, doc))
-        # Concurrent writes share `_bulk_docs` requests (the writer's group commit).
-        results = await asyncio.gather(*(self._writer.write(doc) for _, doc in docs))
+        # Concurrent writes share `_bulk_docs` requests (the writer's group commit). A row
+        # leaves the undecided ones only once its document is written (or was already): a
+        # failed write is tried again next round, and a restart reads the row again.
+        results = await asyncio.gather(
+            *(self._writer.write(doc) for _, doc in docs), return_exceptions=True
+        )
+        failed: GatewayError | None = None
         for (row, doc), result in zip(docs, results, strict=True):
+            if isinstance(result, GatewayError):
+                failed = result
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            del self._undecided[row.id]
             if result.ok:
                 report.mirrored += 1
                 self._metrics.messages_mirrored.inc()
@@ -801,6 +814,8 @@ class MessageLog:
                 )
             elif not result.conflict:
                 self._log.error("mirror_write_refused", doc_id=doc["_id"], error=result.error)
+        if failed is not None:
+            self._log.warning("mirror_write_retrying", error=str(failed))
 
     async def _known_refs(self, items: list[tuple[int | None, Any]], host: str) -> set[Any]:
         """Which of these broadcasts and mirror ids CHT holds as a `gateway_ref` (the view), or
@@ -908,9 +923,13 @@ class MessageLog:
             ),
             return_exceptions=True,
         )
+        failed: GatewayError | None = None
         for (row, found, _), stored in zip(stores, outcomes, strict=True):
             if isinstance(stored, StoreRefusedError):
                 self._log.error("incoming_recovery_refused", message_id=row.id, error=str(stored))
+                continue
+            if isinstance(stored, GatewayError):
+                failed = stored  # CouchDB unavailable: the SMS stays undecided, tried again
                 continue
             if isinstance(stored, BaseException):
                 raise stored
@@ -928,6 +947,8 @@ class MessageLog:
                     flow=row.flow.uuid if row.flow else None,
                     received_at=row.created_on.isoformat() if row.created_on else None,
                 )
+        if failed is not None:
+            self._log.warning("incoming_recovery_retrying", error=str(failed))
 
     async def _runs_for(
         self, target: Target, ready: list[Pending], report: RoundReport

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from cht_rapidpro.commands.parse import run_parse_rapidpro
 from cht_rapidpro.commands.status import collect, render
@@ -483,3 +484,58 @@ async def test_community_rapidpro_9_without_message_uuids(
     assert len(await reports(cht)) == 5
     unrecoverable = message_mode.gateway.metrics.incoming_unrecoverable._value.get()
     assert unrecoverable == 1
+
+
+class FlakyCouch:
+    """The test server behind a proxy that answers 503 to the first `failures` `_bulk_docs`
+    requests carrying a document whose id starts with `prefix` (CouchDB unavailable)."""
+
+    def __init__(self, server: str, prefix: str, failures: int) -> None:
+        self.server = server
+        self.prefix = prefix
+        self.failures = failures
+        self.refused = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if (
+            request.path.endswith("/_bulk_docs")
+            and self.refused < self.failures
+            and f'"_id": "{self.prefix}'.encode() in body.replace(b'":"', b'": "')
+        ):
+            self.refused += 1
+            return web.Response(status=503, text="Service Unavailable")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host",)}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                request.method, self.server + request.path_qs, data=body, headers=headers
+            ) as upstream,
+        ):
+            payload = await upstream.read()
+            return web.Response(
+                status=upstream.status,
+                body=payload,
+                headers={"Content-Type": upstream.headers.get("Content-Type", "application/json")},
+            )
+
+
+async def test_a_mirror_whose_write_failed_is_written_later_once(
+    cht: CouchAdmin, rapidpro: Any, daemon_factory: Any, aiohttp_server: Any
+) -> None:
+    flaky = FlakyCouch(cht.server.url, "rapidpro-msg:", failures=2)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", flaky.handle)
+    proxy = await aiohttp_server(app)
+    url = cht.couch_url.replace(cht.server.url.split("//", 1)[1], f"127.0.0.1:{proxy.port}")
+    daemon = await daemon_factory(**MIRROR, COUCH_URL=url)
+    made = rapidpro.sandbox.send_from_rapidpro(
+        ["tel:+254700900001", "tel:+254700900002", "tel:+254700900003"],
+        "Hello",
+        flow=REMINDERS_FLOW,
+    )
+    docs = await eventually(lambda: mirrored(cht), lambda d: len(d) == 3, within=30)
+    assert flaky.refused == 2
+    assert {d["rapidpro"]["message_id"] for d in docs} == {m.id for m in made}
+    await rounds_after(daemon, 5)
+    assert len(await mirrored(cht)) == 3 and daemon.gateway.poller.stats["mirrored"] == 3
