@@ -31,6 +31,29 @@ take: CouchDB's timeout). Undecided rows are kept in memory; `Position.floor` (t
 them) is where a restarted follower reads again from, so a crash loses no decision (the writes
 are idempotent: deterministic ids, see `mirror.py` and `recovery.py`).
 
+**Exactly once.** Invariant: each RapidPro message is mirrored into at most one document,
+each incoming SMS of a CHT flow ends up in at most one report, and none of either is dropped
+while RapidPro still lists it (90 days). Why, case by case:
+
+- *Re-scans* (the overlap, a gap, the hourly sweep) read rows again: mirrors and reports have
+  deterministic `_id`s (`mirror.py`; the webhook's own id, `recovery.py`), so a second write is
+  a conflict; a row is also checked against CouchDB before it is written.
+- *A crash or restart* between reading a row and writing its document: the position's `floor`
+  is at or below every undecided row, so a restart reads it again; position saves lag, which
+  only means more re-reading. A write that failed (CouchDB down) leaves the row undecided.
+- *Two leaders* for a moment (presence not yet seen): both write the same `_id`s; one wins, the
+  other meets a conflict. On a cluster both may be `accepted` on different copies: the
+  conflicting branches are merged by `conflicts.py` (mirrors carry tasks, reports are
+  `sms-rapidpro:` documents of which one version is kept), as for the webhook's own writes.
+- *The webhook and recovery* on one SMS: both use the id the webhook's body carries, so
+  CouchDB keeps one whichever writes first (the recovery waits LOG_GRACE after the SMS was
+  listed, which RapidPro does only after the webhook call, so normally the webhook has long
+  finished).
+- *Our own sends* are never mirrored: a row is ours when CouchDB or the index knows its
+  broadcast (every part of a split message too), and a row to a number we have claimed but not
+  written back waits; a broadcast the sender may still adopt after an uncertain POST is such a
+  claim.
+
 **Position** is one `_local/cht-rapidpro-log` document per database (like the feed checkpoint,
 never replicated), shared by the replicas: only the *leader*, the live replica whose instance
 name sorts first (`replicas.py`), follows the log; the others read nothing from RapidPro, so
