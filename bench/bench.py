@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 import pstats
@@ -24,13 +25,14 @@ import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from cht_rapidpro import logs
+from cht_rapidpro.sandbox.state import MessageRecord, build_timeline
 from harness import (
     ROOT,
     Backend,
@@ -55,10 +57,23 @@ from harness import (
     wait_for,
     wait_quiet,
 )
+from support import install_cht_views, message_doc
+from virtual import VirtualClock, VirtualRun, Workspace, load_workspace, run_virtual, summary
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
-BENCHMARKS = ("latency", "throughput", "polling", "catchup", "memory", "webhook", "throttle")
+BENCHMARKS = (
+    "latency",
+    "throughput",
+    "polling",
+    "catchup",
+    "memory",
+    "webhook",
+    "throttle",
+    "inflight",
+    "shared",
+    "log",
+)
 SENDABLE = ("pending", "forwarded-to-gateway")
 INCOMING_KEY = "bench-incoming-key-0123456789"
 
@@ -80,6 +95,12 @@ class Sizes:
     throttle_messages: int = 10_000
     throttle_limit: int = 3600  # TextIt: 3,600 requests an hour, broadcasts and lookups
     throttle_window_s: float = 36.0  # RapidPro's hour, 100 times faster
+    inflight_levels: tuple[int, ...] = (1000, 200_000)
+    shared_foreign: int = 1_000_000
+    shared_ours: int = 1000
+    shared_hours: float = 3.0
+    log_foreign: int = 1_000_000
+    log_hours: float = 1.0
 
 
 FULL = Sizes()
@@ -94,6 +115,11 @@ QUICK = Sizes(
     throttle_messages=2000,
     throttle_limit=600,
     throttle_window_s=12.0,
+    inflight_levels=(1000, 20_000),
+    shared_foreign=100_000,
+    shared_hours=2.0,
+    log_foreign=100_000,
+    log_hours=0.5,
 )
 
 
@@ -593,8 +619,8 @@ async def bench_polling(ctx: Context) -> Result:
         "`status_poll_completed` lines, taken from the first rounds that tracked every message.",
         f"- Cross-check: the sandbox answered {gets} `GET /api/v2/messages.json` over the whole "
         f"benchmark; the daemon's log lines sum to {logged} over {len(all_rounds)} rounds.",
-        "- The sandbox's own time per `GET messages.json` page (it filters and sorts every "
-        "message for each page, in the benchmark process): "
+        "- The sandbox's own time per `GET messages.json` page (it finds the window's first "
+        "row by bisection and walks from there, in the benchmark process): "
         f"{distribution([v * 1000 for v in get_handling])}; the rest of a round is the daemon "
         "(matching, and reading every matched document back from CouchDB, see the notes).",
         f"- {meter.summary()}.",
@@ -1007,6 +1033,320 @@ async def bench_throttle(ctx: Context) -> Result:
     return result
 
 
+# --- 8. memory per tracked message (issue 14 item 5) ------------------------------------------
+
+
+def inflight_history(sandbox: Any, count: int, seed: int) -> list[dict[str, Any]]:
+    """`count` messages of ours RapidPro shows `wired` forever (no delivery reports), sent in
+    the last ten minutes, and CHT's documents for them (forwarded-by-gateway, gateway_ref)."""
+    workload = Workload(seed=seed)
+    now = sandbox.now()
+    records, docs = [], []
+    for _ in range(count):
+        created = now - timedelta(seconds=workload.rng.random() * 600)
+        urn = f"tel:{workload.phone()}"
+        broadcast = sandbox.next_broadcast_id()
+        records.append(
+            MessageRecord(
+                sandbox.next_message_id(),
+                workload.uuid(),
+                broadcast,
+                sandbox.contact_for(urn),
+                urn,
+                "Your visit is due.",
+                build_timeline(created, ["wired"], step=0.5, backoff=300),
+            )
+        )
+        stamp = created.strftime("%Y-%m-%dT%H:%M:%S.") + f"{created.microsecond // 1000:03d}Z"
+        task = {
+            "messages": [{"uuid": workload.uuid(), "to": urn[4:], "message": "Your visit is due."}],
+            "state": "forwarded-by-gateway",
+            "state_details": "Wired",
+            "gateway_ref": broadcast,
+            "state_history": [
+                {"state": "forwarded-to-gateway", "timestamp": stamp},
+                {"state": "received-by-gateway", "state_details": "Queued", "timestamp": stamp},
+                {"state": "forwarded-by-gateway", "state_details": "Wired", "timestamp": stamp},
+            ],
+        }
+        docs.append(message_doc([task], doc_id=workload.uuid()))
+    sandbox.add_messages(records)
+    return docs
+
+
+async def full_round(daemon: Daemon, tracked: int, within: float) -> dict[str, Any]:
+    """Rounds from the first that tracked all `tracked` until every one was asked about at
+    least once (each round asks only what is due): their lines, summed."""
+    deadline = time.monotonic() + within
+    while True:
+        lines = daemon.events("status_poll_completed")
+        full = [i for i, line in enumerate(lines) if line.get("tracked") == str(tracked)]
+        if full:
+            rounds = lines[full[0] :]
+            asked = sum(int(line.get("refreshed") or 0) for line in rounds)
+            if asked >= tracked and len(rounds) >= 3:
+                return {
+                    "rounds": len(rounds),
+                    "requests": sum(int(line.get("requests") or 0) for line in rounds),
+                    "rows": sum(int(line.get("rows") or 0) for line in rounds),
+                    "asked": asked,
+                    "duration_ms": max(float(line.get("duration_ms") or 0) for line in rounds),
+                }
+        daemon.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the daemon did not ask about all {tracked} in {within} s")
+        await asyncio.sleep(1)
+
+
+async def inflight_level(ctx: Context, count: int, *, views: bool) -> dict[str, Any]:
+    name = f"inflight-{count}-{'views' if views else 'memory'}"
+    async with serve_sandbox(SandboxConfig(default_outcome=("wired",))) as rapidpro:
+        couch = await create_medic(ctx.server, "bench-inflight", rapidpro.url)
+        daemon = ctx.daemon(name, couch, poll_interval="5")
+        try:
+            if views:
+                await install_cht_views(couch, client=False)
+            docs = inflight_history(rapidpro.sandbox, count, seed=7)
+            await bulk_load(couch, docs)
+            await daemon.start()
+            first = await full_round(daemon, count, 1200)
+            after_first = daemon.memory()
+            # Two more rounds: the figure must not creep up while the same messages are polled.
+            seen = len(daemon.events("status_poll_completed"))
+            while len(daemon.events("status_poll_completed")) < seen + 2:
+                daemon.check_alive()
+                await asyncio.sleep(1)
+            later = daemon.memory()
+            ready = daemon.events("message_log_ready")
+        finally:
+            await daemon.stop()
+            await drop_medic(couch)
+    return {
+        "count": count,
+        "views": views,
+        "rss": later.get("VmRSS"),
+        "rss_first": after_first.get("VmRSS"),
+        "hwm": later.get("VmHWM"),
+        "round": first,
+        "lookup": ready[-1].get("lookup") if ready else "?",
+        "daemon": daemon,
+    }
+
+
+async def bench_inflight(ctx: Context) -> Result:
+    levels = ctx.sizes.inflight_levels
+    result = Result("inflight", "Memory per tracked message: RSS with messages in flight")
+    found = [await inflight_level(ctx, level, views=True) for level in levels]
+    fallback = await inflight_level(ctx, levels[-1], views=False)
+    limit_kb = 100 * 1024
+    base = found[0]
+    for item in found:
+        growth = (item["rss"] or 0) - (base["rss"] or 0)
+        flat = item is base or growth <= 10 * 1024
+        result.rows.append(
+            Row(
+                f"{item['count']:,} in flight (CHT's views): RSS",
+                f"{mib(item['rss'])}" + ("" if item is base else f" ({growth / 1024:+.1f} MB)"),
+                "≤ 100 MB, flat (≤ +10 MB)",
+                (item["rss"] or limit_kb + 1) <= limit_kb and flat,
+            )
+        )
+    growth = (fallback["rss"] or 0) - (base["rss"] or 0)
+    result.rows.append(
+        Row(
+            f"{fallback['count']:,} in flight, no CHT views (ids kept): RSS",
+            f"{mib(fallback['rss'])} ({growth / 1024:+.1f} MB)",
+            "≤ 100 MB",
+            (fallback["rss"] or limit_kb + 1) <= limit_kb,
+        )
+    )
+    result.details = [
+        "- Each level: a fresh database holding that many CHT outgoing messages in "
+        "`forwarded-by-gateway` with a `gateway_ref`, sent in the last ten minutes, and a "
+        "sandbox whose messages for them stay `wired` (no delivery reports), so every one stays "
+        "tracked; the daemon (a child process, poll interval 5 s, no budgets) starts without a "
+        "checkpoint, reads them all from the feed, and polls. RSS (`VmRSS`) is read once every "
+        "tracked message was asked about (rounds ask only what is due: every round while a "
+        "message is a few minutes old, then a quarter of its age), and again two rounds later; "
+        "`VmHWM` is the peak.",
+        *[
+            f"- {item['count']:,} in flight ({'CHT views' if item['views'] else 'no views'}, "
+            f"lookup={item['lookup']}): RSS after the first full round {mib(item['rss_first'])}, "
+            f"two rounds later {mib(item['rss'])}, peak {mib(item['hwm'])}; the "
+            f"{item['round']['rounds']} rounds until every message was asked about "
+            f"({item['round']['asked']:,} status refreshes): {item['round']['requests']:,} "
+            f"requests, {item['round']['rows']:,} rows read, the longest round "
+            f"{item['round']['duration_ms'] / 1000:.1f} s."
+            for item in [*found, fallback]
+        ],
+        "- What is kept per tracked message: the index's parallel arrays (17 bytes: broadcast "
+        "id, RapidPro's time, last refresh, state code, flags); without CHT's "
+        "`medic-sms/messages_by_gateway_ref` view also the document id (16 bytes for a uuid). "
+        "A round plans from arrays too (a restart finds everything due at once). Tasks are "
+        "read from CouchDB only when a status changes.",
+        *[line for item in [*found, fallback] for line in daemon_notes(item["daemon"])],
+    ]
+    return result
+
+
+# --- 9. polling a shared workspace (issue 14 item 6), in virtual time ---------------------------
+
+
+async def virtual_scenario(
+    ctx: Context,
+    spec: Workspace,
+    hours: float,
+    *,
+    env: dict[str, str] | None = None,
+    live_per_minute: float = 0.0,
+) -> VirtualRun:
+    async with serve_sandbox(SandboxConfig(real_time=False)) as rapidpro:
+        couch = await create_medic(ctx.server, "bench-virtual", rapidpro.url)
+        try:
+            await install_cht_views(couch)
+            docs = load_workspace(rapidpro.sandbox, spec, hours)
+            if docs:
+                await bulk_load(couch, docs)
+            clock = VirtualClock(rapidpro.sandbox)
+            return await run_virtual(
+                couch,
+                rapidpro.url,
+                rapidpro.sandbox,
+                clock,
+                hours=hours,
+                env=env,
+                live_per_minute=live_per_minute,
+            )
+        finally:
+            await drop_medic(couch)
+
+
+def steady(run: VirtualRun) -> list[Any]:
+    """The hours after the first (the first refreshes everything tracked once)."""
+    return run.hours[1:] or run.hours
+
+
+async def bench_shared(ctx: Context) -> Result:
+    sizes = ctx.sizes
+    result = Result(
+        "shared", "Polling a shared workspace: RapidPro requests, virtual hours (issue 14.6)"
+    )
+    week = Workspace(
+        foreign=sizes.shared_foreign, ours=sizes.shared_ours, days=7, ours_within_days=7
+    )
+    week_run = await virtual_scenario(ctx, week, sizes.shared_hours)
+    issue = Workspace(foreign=50_000, ours=100, days=3, ours_within_days=0.05, ours_ago_days=2)
+    issue_run = await virtual_scenario(ctx, issue, 1.0)
+    alone = Workspace(foreign=0, ours=1000, days=1, ours_within_days=60 / 86400)
+    alone_run = await virtual_scenario(ctx, alone, 0.25)
+    hours = steady(week_run)
+    per_hour = max(h.requests for h in hours)
+    oldest = max(h.max_refresh_age_s for h in hours)
+    issue_rounds = issue_run.per_round
+    alone_rounds = [n for n in alone_run.per_round if n]
+    result.rows = [
+        Row(
+            f"{week.ours:,} ours amid {week.foreign:,} foreign over the week: requests/hour "
+            "(worst steady hour)",
+            f"{per_hour:,}",
+            "≤ 2,000 (the messages budget)",
+            per_hour <= 2000,
+        ),
+        Row(
+            "same: oldest status refresh of any tracked message (worst steady hour)",
+            f"{oldest / 60:.0f} min",
+            "≤ 60 min",
+            oldest <= 3600,
+        ),
+        Row(
+            "100 ours sent 2 days ago amid 50,000 foreign over 3 days: requests/round (was 148)",
+            f"max {max(issue_rounds)}, {sum(issue_rounds) / len(issue_rounds):.1f} on average",
+            "—",
+        ),
+        Row(
+            "1,000 ours just sent, CHT the only traffic: requests per round that asked",
+            f"{max(alone_rounds) if alone_rounds else 0}",
+            "≤ 5 per 1,000",
+            bool(alone_rounds) and max(alone_rounds) <= 5,
+        ),
+    ]
+    result.details = [
+        "- The daemon's own `MessageLog` (the real code: CouchDB on this pouchdb-server, the "
+        "RapidPro client and its 2,000/h messages budget, the sandbox over HTTP) driven round "
+        "after round with a virtual clock shared by the follower, the budget and the sandbox, "
+        "60 s per round (the default interval); see `bench/virtual.py`. Ours: CHT documents in "
+        "`forwarded-by-gateway` whose RapidPro messages stay `wired` (5% get a delivery report "
+        "during the run); foreign: messages of other programmes, `delivered`.",
+        f"- Week ({week.foreign:,} foreign, {week.ours:,} ours, both spread over 7 days, "
+        f"{sizes.shared_hours:g} virtual hours; the first hour refreshes everything once, at "
+        f"the budget's pace): {summary(week_run.hours)}. First rounds: "
+        f"{week_run.per_round[:15]}. Wall time {week_run.wall_s:.0f} s.",
+        f"- The issue's case (50,000 foreign over 3 days; 100 ours sent within 72 minutes, 2 "
+        f"days ago; one virtual hour): {summary(issue_run.hours)}; requests per round: "
+        f"{issue_run.per_round}.",
+        f"- CHT alone (1,000 ours sent in the last minute, no foreign traffic, 15 virtual "
+        f"minutes): requests per round {alone_run.per_round}.",
+    ]
+    return result
+
+
+# --- 10. the log follower's extra cost: mirroring and recovery (issue 13) -----------------------
+
+
+async def bench_log(ctx: Context) -> Result:
+    sizes = ctx.sizes
+    result = Result(
+        "log", "Following RapidPro's log for mirroring and recovery: extra requests per round"
+    )
+    on = {
+        "CHT_RAPIDPRO_MIRROR_OUTGOING": "true",
+        "CHT_RAPIDPRO_INCOMING_FLOWS": "0b6a9f6e-2f4b-4c3e-8c9a-1d2e3f4a5b6c",
+        "CHT_RAPIDPRO_LOG_GRACE": "60",
+    }
+    hours = sizes.log_hours
+    cases = [
+        ("quiet workspace, nothing tracked", Workspace(0, 0, 1, 1), 0.0),
+        ("CHT alone, 1,000 ours just sent", Workspace(0, 1000, 1, 60 / 86400), 0.0),
+        (
+            f"{sizes.log_foreign:,} foreign over the week, 1,000 ours, 100 new foreign/min",
+            Workspace(sizes.log_foreign, 1000, 7, 7),
+            100.0,
+        ),
+    ]
+    lines = []
+    for name, spec, live in cases:
+        off_run = await virtual_scenario(
+            ctx, dataclasses.replace(spec, broadcasts=[]), hours, live_per_minute=live
+        )
+        on_run = await virtual_scenario(
+            ctx, dataclasses.replace(spec, broadcasts=[]), hours, env=on, live_per_minute=live
+        )
+        off = sum(off_run.per_round) / len(off_run.per_round)
+        with_log = sum(on_run.per_round) / len(on_run.per_round)
+        mirrored = sum(r.mirrored for r in on_run.reports)
+        result.rows.append(
+            Row(
+                f"{name}: requests/round, status only → + mirroring and recovery",
+                f"{off:.2f} → {with_log:.2f} ({with_log - off:+.2f})",
+            )
+        )
+        lines.append(
+            f"- {name} ({hours:g} virtual hour(s)): status only {off_run.per_round[:20]}…; with "
+            f"mirroring and recovery {on_run.per_round[:20]}…; {mirrored:,} messages mirrored "
+            f"(every outgoing message this daemon did not send is mirrored: on a shared "
+            f"workspace, the other programmes' too)."
+        )
+    result.details = [
+        "- The same virtual-time harness as the shared-workspace benchmark; each case once "
+        "with delivery status only and once with `CHT_RAPIDPRO_MIRROR_OUTGOING=true` and a "
+        "recovery flow. Mirroring and recovery read every new row once (the forward scan: "
+        "from the last position, less 30 s of overlap), merged with the scan of young tracked "
+        "messages when there is one.",
+        *lines,
+    ]
+    return result
+
+
 # --- running and reporting ------------------------------------------------------------------------
 
 
@@ -1024,6 +1364,9 @@ RUNNERS: dict[str, Callable[[Context], Awaitable[Result]]] = {
     "memory": bench_memory,
     "webhook": bench_webhook,
     "throttle": bench_throttle,
+    "inflight": bench_inflight,
+    "shared": bench_shared,
+    "log": bench_log,
 }
 
 

@@ -310,3 +310,119 @@ MESSAGES_BY_STATE = """function(doc) {
   emitTasks(doc.tasks || []);
   emitTasks(doc.scheduled_tasks || []);
 }"""
+
+
+#: CHT's `medic-sms/messages_by_gateway_ref` map (spec cht-messaging §2.3): outgoing tasks by
+#: their `gateway_ref`, incoming SMS by `sms_message.gateway_ref`.
+MESSAGES_BY_GATEWAY_REF = """function(doc) {
+  var emitTasks = function(tasks) {
+    tasks.forEach(function(task) {
+      if (task.gateway_ref && task.messages) {
+        task.messages.forEach(function(msg) { emit(task.gateway_ref, msg.uuid); });
+      }
+    });
+  };
+  emitTasks(doc.tasks || []);
+  emitTasks(doc.scheduled_tasks || []);
+  if (doc.type === 'data_record' && doc.sms_message && doc.sms_message.gateway_ref) {
+    emit(doc.sms_message.gateway_ref, doc.sms_message.uuid);
+  }
+}"""
+
+#: CHT's `medic-sms/gateway_messages_by_state` map (spec cht-messaging §2.2).
+GATEWAY_MESSAGES_BY_STATE = """function(doc) {
+  var emitTasks = function(tasks) {
+    tasks.forEach(function(task) {
+      if (task.messages && task.gateway_ref) {
+        task.messages.forEach(function(msg) {
+          if (msg.uuid && msg.to && msg.message) {
+            emit(task.state, { id: msg.uuid, gateway_ref: task.gateway_ref });
+          }
+        });
+      }
+    });
+  };
+  emitTasks(doc.tasks || []);
+  emitTasks(doc.scheduled_tasks || []);
+}"""
+
+#: CHT 4.x `medic-client/contacts_by_phone` map.
+CONTACTS_BY_PHONE = """function(doc) {
+  if (doc.phone) {
+    var types = [ 'contact', 'district_hospital', 'health_center', 'clinic', 'person' ];
+    if (types.indexOf(doc.type) !== -1) {
+      emit(doc.phone);
+    }
+  }
+}"""
+
+#: CHT 4.x `medic-client/messages_by_contact_date` map: the Messages tab's conversations.
+MESSAGES_BY_CONTACT_DATE = """function(doc) {
+  var getLineage = function(contact) {
+    var lineage = [];
+    while (contact) {
+      if (contact._id) { lineage.push(contact._id); }
+      contact = contact.parent;
+    }
+    return lineage;
+  };
+  var emitMessage = function(doc, contact, phone, message) {
+    var from = (contact && contact._id) || phone;
+    var id = from || doc._id;
+    emit([ id, doc.reported_date ], {
+      from: from,
+      date: doc.reported_date,
+      message: message,
+      contact: contact && contact._id,
+      lineage: getLineage(contact && contact.parent)
+    });
+  };
+  if (doc.type === 'data_record' && !doc.form) {
+    if (doc.kujua_message) {
+      doc.tasks.forEach(function(task) {
+        var message = task.messages[0];
+        emitMessage(doc, message.contact, message.to, message.message);
+      });
+    } else if (doc.sms_message) {
+      emitMessage(doc, doc.contact, doc.from, doc.sms_message.message);
+    }
+  }
+}"""
+
+
+async def install_cht_views(
+    couch: CouchAdmin, *, sms: bool = True, client: bool = True, medic: bool = False
+) -> None:
+    """Install the CHT 4.x views the daemon uses (CHT's map functions, as CHT ships them)."""
+    if sms:
+        await couch.put(
+            {
+                "_id": "_design/medic-sms",
+                "views": {
+                    "messages_by_gateway_ref": {"map": MESSAGES_BY_GATEWAY_REF},
+                    "gateway_messages_by_state": {"map": GATEWAY_MESSAGES_BY_STATE},
+                },
+            }
+        )
+    if client:
+        await couch.put(
+            {
+                "_id": "_design/medic-client",
+                "views": {
+                    "contacts_by_phone": {"map": CONTACTS_BY_PHONE},
+                    "messages_by_contact_date": {"map": MESSAGES_BY_CONTACT_DATE},
+                },
+            }
+        )
+    if medic:
+        await couch.put(
+            {"_id": "_design/medic", "views": {"messages_by_state": {"map": MESSAGES_BY_STATE}}}
+        )
+
+
+async def view_rows(couch: CouchAdmin, ddoc: str, view: str, **params: Any) -> list[Any]:
+    """Rows of a view query (JSON-encoded parameters, as CouchDB wants them)."""
+    query = urllib.parse.urlencode({k: json.dumps(v) for k, v in params.items()})
+    body = await couch.request("GET", f"/{couch.db}/_design/{ddoc}/_view/{view}?{query}")
+    rows: list[Any] = body["rows"]
+    return rows

@@ -28,7 +28,7 @@ from .incoming import ROUTES as INCOMING_ROUTES
 from .incoming import IncomingWebhook
 from .logs import get_logger
 from .metrics import Metrics
-from .rapidpro.client import RapidProClient
+from .rapidpro.client import RUNS, RapidProClient
 from .rapidpro.throttle import BROADCASTS, MESSAGES, Budget
 
 
@@ -63,11 +63,17 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=settings.send_timeout_s),
     )
     try:
+        # Runs (the log follower's recovery) have a bucket of their own at RapidPro, as large
+        # as the messages one: the same client-side limit applies.
         budget = Budget(
-            {BROADCASTS: settings.broadcasts_per_hour, MESSAGES: settings.messages_per_hour},
+            {
+                BROADCASTS: settings.broadcasts_per_hour,
+                MESSAGES: settings.messages_per_hour,
+                RUNS: settings.messages_per_hour,
+            },
             window_s=settings.throttle_window_s,
         )
-        for scope in (BROADCASTS, MESSAGES):
+        for scope in (BROADCASTS, MESSAGES, RUNS):
             app[METRICS].budget_remaining.labels(scope).set_function(
                 functools.partial(_remaining, budget, scope)
             )
@@ -86,7 +92,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         components = app[COMPONENTS]
         components.gateway = gateway
         components.webhook = IncomingWebhook(
-            couch, gateway.writer, gateway.cht, app[METRICS], timeout_s=settings.webhook_timeout_s
+            gateway.incoming, gateway.cht, app[METRICS], timeout_s=settings.webhook_timeout_s
         )
         gateway.start()
         yield

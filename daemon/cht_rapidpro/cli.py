@@ -23,6 +23,7 @@ from .commands import (
     CommandError,
     run_check,
     run_parse,
+    run_parse_rapidpro,
     run_send,
     run_status,
 )
@@ -121,6 +122,17 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_parse(args: argparse.Namespace) -> int:
+    if args.rapidpro_message is not None:
+        return asyncio.run(
+            run_parse_rapidpro(
+                _command_settings(args),
+                message_id=args.rapidpro_message,
+                out=sys.stdout,
+                err=sys.stderr,
+            )
+        )
+    if args.message is None:
+        raise CommandError("give the SMS text (MESSAGE) or --rapidpro-message ID", EX_USAGE)
     # With --app-settings the database is not needed, nor COUCH_URL.
     settings = None if args.app_settings else _command_settings(args)
     return asyncio.run(
@@ -254,7 +266,17 @@ def _add_commands(commands: Any) -> None:
         ),
         formatter_class=raw,
     )
-    parse.add_argument("message", metavar="MESSAGE", help="the SMS text, e.g. 'P 12 John'")
+    parse.add_argument(
+        "message", metavar="MESSAGE", nargs="?", help="the SMS text, e.g. 'P 12 John'"
+    )
+    parse.add_argument(
+        "--rapidpro-message",
+        type=int,
+        metavar="ID",
+        help="instead: ask RapidPro for its message ID and print what the daemon writes (or "
+        "wrote) for it: the mirror of an outgoing message, the report of a recovered SMS, "
+        "and whether it is in CouchDB",
+    )
     parse.add_argument(
         "--from",
         dest="sender",

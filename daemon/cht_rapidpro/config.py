@@ -13,6 +13,7 @@ import re
 import socket
 import ssl
 import tomllib
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -186,6 +187,19 @@ def _name(max_length: int) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+def _flow_uuids(text: str) -> tuple[str, ...]:
+    flows = []
+    for part in text.strip().strip("[]").split(","):  # a TOML list arrives as "['a', 'b']"
+        value = part.strip().strip("'\"").lower()
+        if not value:
+            continue
+        try:
+            flows.append(str(uuid.UUID(value)))
+        except ValueError:
+            raise ValueError(f"{_shown(part.strip())} is not a flow uuid") from None
+    return tuple(dict.fromkeys(flows))
 
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -468,6 +482,36 @@ OPTIONS: tuple[Option, ...] = (
         "Seconds the webhook waits for CouchDB before it answers 503 (the message may still "
         "be saved; a retry of the same call is recognised). RapidPro gives up after 15 s.",
     ),
+    Option(
+        "mirror_outgoing",
+        PREFIX + "MIRROR_OUTGOING",
+        _bool,
+        "true: messages RapidPro sends on its own (flow replies, campaign events, broadcasts "
+        "made in RapidPro or by other API clients) become CHT outgoing messages, shown in the "
+        "recipient's conversation in the Messages tab.",
+    ),
+    Option(
+        "incoming_flows",
+        PREFIX + "INCOMING_FLOWS",
+        _flow_uuids,
+        "Comma-separated uuids of the RapidPro flows that call CHT's webhook: their incoming "
+        "SMS that have no CHT report (the webhook call failed) are stored as the webhook would "
+        "have. Empty: no recovery.",
+    ),
+    Option(
+        "incoming_id",
+        PREFIX + "INCOMING_ID",
+        _choice("run", "message"),
+        "What those flows send as the webhook body's id: run (CHT's documented body, "
+        "run.uuid) or message (the recommended body, input.uuid).",
+    ),
+    Option(
+        "log_grace_s",
+        PREFIX + "LOG_GRACE",
+        _seconds(0, DAY),
+        "Seconds a message read from RapidPro's log waits before it is mirrored or "
+        "recovered; keep it above RapidPro's 15 s webhook timeout plus COUCH_TIMEOUT.",
+    ),
 )
 
 
@@ -504,6 +548,10 @@ class Settings:
     shutdown_grace_s: float = 6.0
     webhook_max_bytes: int = 64 * 1024
     webhook_timeout_s: float = 10.0
+    mirror_outgoing: bool = False
+    incoming_flows: tuple[str, ...] = ()
+    incoming_id: str = "run"
+    log_grace_s: float = 60.0
 
     @classmethod
     def from_env(

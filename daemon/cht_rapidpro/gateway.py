@@ -1,4 +1,5 @@
-"""The gateway's workers and their life cycle: feed → dispatcher → sender / poller index.
+"""The gateway's workers and their life cycle: feed → dispatcher → sender / tracked index;
+the follower of RapidPro's message log (status, mirroring, recovery).
 
 Start-up (in the background, so the listener and READY=1 never wait for CouchDB): load app
 settings and credentials, load the checkpoint, then follow the feed, send and poll. When the
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from .backlog import UnsentBacklog
@@ -28,16 +30,18 @@ from .conflicts import INCOMING_PREFIX, ConflictResolver
 from .couch.changes import ChangesFollower, FatalError, Page
 from .couch.client import BulkWriter, CouchClient, JsonDict
 from .errors import AuthError, GatewayError
+from .incoming import IncomingStore
 from .ledger import PREFIX as BUDGET_PREFIX
 from .ledger import Ledger
 from .logs import get_logger
+from .messagelog import MessageLog
 from .metrics import Metrics
 from .outbound import OutgoingSender
 from .rapidpro.client import RapidProClient
 from .replicas import PREFIX as REPLICA_PREFIX
 from .replicas import Presence
 from .retry import Backoff, sleep_or_wake
-from .status import InFlightIndex, StatusPoller
+from .tracking import OwnContent, TrackedIndex
 
 
 class Dispatcher:
@@ -47,8 +51,9 @@ class Dispatcher:
         self,
         cht: ChtConfig,
         sender: OutgoingSender,
-        index: InFlightIndex,
+        index: TrackedIndex,
         presence: Presence,
+        own: OwnContent,
         ledger: Ledger,
         backlog: UnsentBacklog,
     ) -> None:
@@ -57,6 +62,7 @@ class Dispatcher:
         self._cht = cht
         self._sender = sender
         self._index = index
+        self._own = own
         self._backlog = backlog
 
     def handle_row(self, row: JsonDict, page: Page) -> None:
@@ -64,7 +70,8 @@ class Dispatcher:
         if not isinstance(doc_id, str):
             return
         if row.get("deleted"):
-            self._index.remove_doc(doc_id)
+            self._index.remove_doc(doc_id, time.time())
+            self._own.remove_doc(doc_id)
             self._backlog.remove_doc(doc_id)
             if doc_id == "settings":
                 self._cht.apply_settings_doc({"_deleted": True})
@@ -92,10 +99,10 @@ class Dispatcher:
             self._cht.apply_translations_doc(doc)
             return
         if "tasks" not in doc and "scheduled_tasks" not in doc:
-            self._index.remove_doc(doc_id)
             self._backlog.remove_doc(doc_id)
             return
-        self._index.update_doc(doc, self._cht.app_settings)
+        self._index.update_doc(doc, time.time())
+        self._own.update_doc(doc, self._cht.app_settings)
         self._backlog.update_doc(doc)
         release = hold() if hold else None
         if not self._sender.offer(doc, release) and release:
@@ -193,8 +200,10 @@ class Gateway:
             couch, service=settings.service, refresh_s=settings.credentials_refresh_s
         )
         self.writer = BulkWriter(couch, on_request=self._count_write)
-        self.index = InFlightIndex()
+        self.index = TrackedIndex()
+        self.own = OwnContent()
         self.backlog = UnsentBacklog()
+        self.incoming = IncomingStore(couch, self.writer, self.cht)
         self.identity = identity or Identity.new(settings.instance)
         self.presence = Presence(couch, settings.instance)
         # The workspace's RapidPro budget is shared with the other replicas and earlier runs.
@@ -210,21 +219,25 @@ class Gateway:
             metrics=metrics,
             presence=self.presence,
             is_taken=self.index.has_ref,
-            on_doc=lambda doc: self.index.update_doc(doc, self.cht.app_settings),
+            on_doc=self._written_back,
         )
-        self.poller = StatusPoller(
+        self.poller = MessageLog(
             couch=couch,
             writer=self.writer,
             rapidpro=rapidpro,
             cht=self.cht,
             settings=settings,
             index=self.index,
+            own=self.own,
+            store=self.incoming,
+            presence=self.presence,
             metrics=metrics,
             on_accepted=self.sender.resolve_soon,
             on_written=self.sender.remember_write,
+            clock=lambda: datetime.now(UTC),
         )
         self.dispatcher = Dispatcher(
-            self.cht, self.sender, self.index, self.presence, self.ledger, self.backlog
+            self.cht, self.sender, self.index, self.presence, self.own, self.ledger, self.backlog
         )
         self.sweeper = Sweeper(couch, self.dispatcher)
         self.follower = ChangesFollower(
@@ -242,6 +255,11 @@ class Gateway:
         self.started = asyncio.Event()  # settings, credentials and checkpoint loaded
         self.sweeps = 0
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+
+    def _written_back(self, doc: JsonDict) -> None:
+        """A write-back of the sender's: the indexes learn it before the feed brings it."""
+        self.index.update_doc(doc, time.time())
+        self.own.update_doc(doc, self.cht.app_settings)
 
     def _count_write(self, docs: int) -> None:
         self.metrics.couch_write_requests.inc()
@@ -304,6 +322,7 @@ class Gateway:
             )
             await self._retrying("load checkpoint", self.follower.load_checkpoint)
             await self._retrying("read the database's layout", self.sender.claims.detect)
+            await self._retrying("look for CHT's views", self.poller.prepare)
             await self._retrying("announce replica", self._join)
             self.started.set()
             self._spawn("feed", self.follower.run(self.stop_event))
@@ -362,6 +381,10 @@ class Gateway:
             await self.follower.save_checkpoint()
         except GatewayError as exc:
             self._log.warning("checkpoint_not_saved", error=str(exc))
+        try:
+            await asyncio.wait_for(self.poller.save(force=True), 2.0)
+        except (GatewayError, TimeoutError) as exc:
+            self._log.warning("log_position_not_saved", error=str(exc))
         if self.started.is_set():
             try:  # peers stop leaving this replica's documents to it
                 await asyncio.wait_for(self.presence.announce(stopped=True), 2.0)

@@ -34,6 +34,7 @@ import hmac
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -100,6 +101,124 @@ def doc_id_for(message_id: str | int) -> str:
     return f"sms-rapidpro:sha256:{digest}"
 
 
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What storing one incoming SMS did: `saved`, or `duplicate` (a report of it exists)."""
+
+    outcome: str  # "saved" | "duplicate"
+    doc_id: str | None
+
+
+class StoreRefusedError(GatewayError):
+    """CouchDB answered the write with an error other than a conflict."""
+
+
+class IncomingStore:
+    """Stores an incoming SMS as CHT's report, exactly once per message (the webhook and the
+    log follower's recovery share it, so both write the same document under the same `_id`)."""
+
+    def __init__(self, couch: CouchClient, writer: BulkWriter, cht: ChtConfig) -> None:
+        self._couch = couch
+        self._writer = writer  # group commit: concurrent deliveries share `_bulk_docs` requests
+        self._cht = cht
+        self._has_ref_view: bool | None = None
+
+    async def store(
+        self,
+        message: dict[str, Any],
+        *,
+        now_ms: int | None = None,
+        check_cht: bool = True,
+        on_doc_id: Callable[[str], None] = lambda _doc_id: None,
+    ) -> Stored:
+        """Store `{id, from, content}` (the webhook body) unless a report of it exists: under
+        the id's own `_id`, or, when a different message already has that, under
+        `reused_id_doc_id` (see the module docstring).
+
+        `now_ms` is the report's `reported_date` (default: now, as CHT). `check_cht=False`
+        skips asking CHT's view (the caller did, for many at once). `on_doc_id` hears each
+        `_id` tried, so a caller cut short still knows which one it got to.
+
+        Raises:
+            GatewayError: CouchDB could not be asked or written (nothing was stored).
+            StoreRefusedError: CouchDB refused the write.
+        """
+        if check_cht and await self._seen_by_cht(message):
+            return Stored("duplicate", None)
+        first = doc_id_for(message["id"])
+        on_doc_id(first)
+        if await self._write(first, message, now_ms):
+            return Stored("saved", first)
+        existing = await self._couch.get(first)
+        if existing is None:
+            # Refused as a conflict, yet not readable: a cluster copy behind the one that
+            # refused it, or a delete in between. Retrying will tell.
+            raise RetryableError(f"write {first}: conflict, but no document to compare")
+        if same_message(existing, message):
+            return Stored("duplicate", first)
+        second = reused_id_doc_id(message)
+        on_doc_id(second)
+        if not await self._write(second, message, now_ms):
+            return Stored("duplicate", second)  # this message, stored by an earlier call
+        log.warning("webhook_id_reused", doc_id=second, first_doc_id=first)
+        return Stored("saved", second)
+
+    async def _write(self, doc_id: str, message: dict[str, Any], now_ms: int | None) -> bool:
+        """Create the report as `doc_id`: True if written, False if the id exists."""
+        doc = self.report(message, now_ms=now_ms)
+        doc["_id"] = doc_id
+        result = await self._writer.write(doc)
+        if result.conflict:  # the id exists: CouchDB itself keeps the copies to one
+            return False
+        if not result.ok:
+            raise StoreRefusedError(f"{doc_id}: {result.error}")
+        return True
+
+    def report(self, message: dict[str, Any], *, now_ms: int | None = None) -> dict[str, Any]:
+        """The report CHT's `createByForm` builds for the SMS (no `_id`)."""
+        data = {
+            "from": message["from"],
+            "message": message["content"],
+            "gateway_ref": message["id"],
+        }
+        if "sent_timestamp" in message:
+            data["sent_timestamp"] = message["sent_timestamp"]
+        settings = self._cht.app_settings
+        try:
+            return create_by_form(
+                data, settings=settings, translate=self._cht.translator(), now_ms=now_ms
+            )
+        except Exception as exc:
+            # A parser bug must not lose the SMS: keep it as a free-text message, as CHT
+            # stores text that matches no form. Only the error type is logged (no content).
+            log.error("webhook_parse_failed", error_type=type(exc).__name__)
+            return create_by_form(data, settings={**settings, "forms": {}}, now_ms=now_ms)
+
+    async def has_ref_view(self) -> bool:
+        if self._has_ref_view is None:
+            self._has_ref_view = await self._couch.has_view("medic-sms", "messages_by_gateway_ref")
+        return self._has_ref_view
+
+    async def seen_by_cht(self, message_ids: list[Any]) -> set[Any]:
+        """Which ids CHT itself already stored (`medic-sms/messages_by_gateway_ref`)."""
+        if not message_ids or not await self.has_ref_view():
+            return set()
+        rows = await self._couch.view("medic-sms", "messages_by_gateway_ref", keys=message_ids)
+        return {row.get("key") for row in rows}
+
+    async def _seen_by_cht(self, message: dict[str, Any]) -> bool:
+        """Whether CHT itself already stored this message: a report with this id, sender and
+        text."""
+        if not await self.has_ref_view():
+            return False
+        rows = await self._couch.view(
+            "medic-sms", "messages_by_gateway_ref", keys=[message["id"]], include_docs=True
+        )
+        return any(
+            isinstance(row.get("doc"), dict) and same_message(row["doc"], message) for row in rows
+        )
+
+
 @dataclass(slots=True)
 class _Request:
     """What one webhook call got to, for its canonical log line."""
@@ -111,20 +230,12 @@ class IncomingWebhook:
     """The request handler; one instance per daemon."""
 
     def __init__(
-        self,
-        couch: CouchClient,
-        writer: BulkWriter,
-        cht: ChtConfig,
-        metrics: Metrics,
-        *,
-        timeout_s: float,
+        self, store: IncomingStore, cht: ChtConfig, metrics: Metrics, *, timeout_s: float
     ) -> None:
-        self._couch = couch
-        self._writer = writer  # group commit: concurrent deliveries share `_bulk_docs` requests
+        self._store_sms = store
         self._cht = cht
         self._metrics = metrics
         self._timeout_s = timeout_s
-        self._has_ref_view: bool | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -181,75 +292,21 @@ class IncomingWebhook:
         message = await _read_message(request)
         if not self._cht.settings_loaded:
             raise WebhookError(503, "Starting up: app settings not loaded yet, try again")
+
+        def heard(doc_id: str) -> None:
+            call.doc_id = doc_id
+
         try:
-            return await self._store(message, call)
+            stored = await self._store_sms.store(message, on_doc_id=heard)
+        except StoreRefusedError as exc:
+            log.warning("webhook_store_refused", doc_id=call.doc_id, error=str(exc))
+            raise WebhookError(503, "Message was not saved: the database refused it") from exc
         except GatewayError as exc:
             log.warning("webhook_store_failed", doc_id=call.doc_id, error=str(exc))
             raise WebhookError(503, "Message was not saved: the database is unavailable") from exc
-
-    async def _store(self, message: dict[str, Any], call: _Request) -> dict[str, Any]:
-        """Write the report once: under the id's own `_id`, or, when a different message
-        already has that, under `reused_id_doc_id` (see the module docstring)."""
-        if await self._seen_by_cht(message):
+        if stored.outcome == "duplicate":
             return {"saved": 0, "duplicate": True}
-        first = call.doc_id = doc_id_for(message["id"])
-        if await self._write(first, message):
-            return {"saved": 1}
-        existing = await self._couch.get(first)
-        if existing is None:
-            # Refused as a conflict, yet not readable: a cluster copy behind the one that
-            # refused it, or a delete in between. Retrying will tell.
-            raise RetryableError(f"write {first}: conflict, but no document to compare")
-        if same_message(existing, message):
-            return {"saved": 0, "duplicate": True}
-        call.doc_id = reused_id_doc_id(message)
-        if not await self._write(call.doc_id, message):
-            return {"saved": 0, "duplicate": True}  # this message, stored by an earlier call
-        log.warning("webhook_id_reused", doc_id=call.doc_id, first_doc_id=first)
         return {"saved": 1}
-
-    async def _write(self, doc_id: str, message: dict[str, Any]) -> bool:
-        """Create the report as `doc_id`: True if written, False if the id exists."""
-        doc = self._report(message)
-        doc["_id"] = doc_id
-        result = await self._writer.write(doc)
-        if result.conflict:  # the id exists: CouchDB itself keeps the copies to one
-            return False
-        if not result.ok:
-            log.warning("webhook_store_refused", doc_id=doc_id, error=result.error)
-            raise WebhookError(503, "Message was not saved: the database refused it")
-        return True
-
-    def _report(self, message: dict[str, Any]) -> dict[str, Any]:
-        data = {
-            "from": message["from"],
-            "message": message["content"],
-            "gateway_ref": message["id"],
-        }
-        if "sent_timestamp" in message:
-            data["sent_timestamp"] = message["sent_timestamp"]
-        settings = self._cht.app_settings
-        try:
-            return create_by_form(data, settings=settings, translate=self._cht.translator())
-        except Exception as exc:
-            # A parser bug must not lose the SMS: keep it as a free-text message, as CHT
-            # stores text that matches no form. Only the error type is logged (no content).
-            log.error("webhook_parse_failed", error_type=type(exc).__name__)
-            return create_by_form(data, settings={**settings, "forms": {}})
-
-    async def _seen_by_cht(self, message: dict[str, Any]) -> bool:
-        """Whether CHT itself already stored this message (`medic-sms/messages_by_gateway_ref`:
-        a report with this id, sender and text)."""
-        if self._has_ref_view is None:
-            self._has_ref_view = await self._couch.has_view("medic-sms", "messages_by_gateway_ref")
-        if not self._has_ref_view:
-            return False
-        rows = await self._couch.view(
-            "medic-sms", "messages_by_gateway_ref", keys=[message["id"]], include_docs=True
-        )
-        return any(
-            isinstance(row.get("doc"), dict) and same_message(row["doc"], message) for row in rows
-        )
 
 
 async def _read_message(request: web.Request) -> dict[str, Any]:

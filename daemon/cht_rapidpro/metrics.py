@@ -155,6 +155,37 @@ class Metrics:
             "Seconds the oldest of those messages has waited since it became pending (0: none).",
             registry=r,
         )
+        self.messages_mirrored = Counter(
+            "chtrp_messages_mirrored_total",
+            "Messages RapidPro sent on its own, written to CHT as outgoing messages.",
+            registry=r,
+        )
+        self.incoming_recovered = Counter(
+            "chtrp_incoming_recovered_total",
+            "Incoming SMS found in RapidPro's log without a CHT report, and stored.",
+            registry=r,
+        )
+        self.incoming_unrecoverable = Counter(
+            "chtrp_incoming_unrecoverable_total",
+            "Incoming SMS of CHT flows that cannot be stored (no number or text, no uuids).",
+            registry=r,
+        )
+        self.log_requests = Counter(
+            "chtrp_message_log_requests_total",
+            "GET messages.json requests of the message-log follower (pages and look-ups).",
+            registry=r,
+        )
+        self.refresh_overdue = Gauge(
+            "chtrp_status_refresh_overdue_messages",
+            "Tracked messages whose status was not asked of RapidPro within the last hour.",
+            registry=r,
+        )
+        self.log_lag = Gauge(
+            "chtrp_message_log_lag_seconds",
+            "Seconds between now and the newest message the log follower has read "
+            "(mirroring or recovery on).",
+            registry=r,
+        )
         self.send_latency = Histogram(
             "chtrp_send_seconds",
             "Time from picking a document up to RapidPro's answer.",

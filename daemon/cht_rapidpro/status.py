@@ -1,338 +1,197 @@
-"""Delivery-status polling: RapidPro message statuses become CHT task states.
+"""Delivery status: RapidPro message statuses become CHT task states.
 
-CHT polls one request per message per minute (spec §8.6). We keep an index of in-flight
-tasks (fed by the changes feed and the start-up sweep) and read RapidPro's message list by
-time window instead: one request returns 250 messages, matched back to our tasks by broadcast
-id (and URN when a broadcast has several recipients). Scans are newest first and follow the
-opaque `next` cursor.
-
-Bounding the window (spec rapidpro-api §5.3): `sent` is final after a grace period (channels
-without delivery reports), anything is dropped after `max_tracking_s`, and messages older
-than an hour are rescanned only every `deep_interval` so that one straggler does not widen
-every round.
+The follower of RapidPro's message log (`messagelog.py`) reads statuses; this module writes
+them. Tasks are found by their `gateway_ref` in CouchDB, one request per page of RapidPro's log
+that brought news: CHT's `medic-sms/messages_by_gateway_ref` view (with the documents), or,
+without it, the documents whose ids the in-memory index kept. Each status goes through CHT's
+`setTaskState` (wired → forwarded-by-gateway, sent → sent, delivered/read → delivered,
+errored → received-by-gateway with details `Errored`, failed → failed), and only onto a task
+still in flight with the same `gateway_ref` (a task cleared, resent or muted meanwhile is left
+alone). Conflicts are re-read and re-applied a bounded number of times.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from .cht.outgoing import InFlightTask, MalformedTaskError, in_flight_tasks, task_at
+from .cht.outgoing import MalformedTaskError, iter_tasks, task_at
 from .cht.phone import normalize
-from .cht.state import FINAL_STATUSES, IN_FLIGHT_STATES, STATUS_MAP, State, set_task_state
+from .cht.state import IN_FLIGHT_STATES, STATUS_MAP, State, set_task_state
 from .chtconfig import ChtConfig
-from .config import Settings
 from .couch.client import BulkWriter, CouchClient, JsonDict, clone
-from .errors import AuthError, GatewayError, RetryableError, UpstreamConfigError
 from .logs import get_logger
 from .metrics import Metrics
-from .rapidpro.client import RapidProClient
+from .mirror import mirror_id
 from .rapidpro.models import Message
-from .retry import sleep_or_wake
+from .tracking import MIRROR_BASE, TrackedIndex, index_key, number_tail
 
-#: Messages younger than this are scanned every round; older ones every deep interval.
-YOUNG_S = 3600.0
 MAX_WRITE_ROUNDS = 5
+REF_VIEW = ("medic-sms", "messages_by_gateway_ref")
 
 
-def ref_key(gateway_ref: Any) -> str:
-    """Broadcast ids compare as text: CHT stores what RapidPro sent (an int), but docs
-    written by hand or by tests may carry strings."""
-    return str(gateway_ref)
+def view_keys(key: int, host: str) -> list[Any]:
+    """How a key may be stored as `gateway_ref` (CHT stores RapidPro's int; hand-written
+    documents may hold a string), i.e. the keys to ask CHT's view for."""
+    if key >= MIRROR_BASE:
+        return [mirror_id(host, key - MIRROR_BASE)]
+    return [key, str(key)]
 
 
-@dataclass(slots=True)
-class Tracked:
-    task: InFlightTask
-    urns: frozenset[str]
-
-    @property
-    def key(self) -> str:
-        return self.task.ref.key
-
-
-class InFlightIndex:
-    """Tasks whose RapidPro status may still change, by task, document and broadcast."""
-
-    def __init__(self) -> None:
-        self.by_task: dict[str, Tracked] = {}
-        self._by_doc: dict[str, set[str]] = {}
-        self._by_ref: dict[str, set[str]] = {}
-
-    def __len__(self) -> int:
-        return len(self.by_task)
-
-    def update_doc(self, doc: JsonDict, app_settings: dict[str, Any]) -> None:
-        """Replace what we track for this document with what its current revision says."""
-        doc_id = str(doc.get("_id"))
-        self.remove_doc(doc_id)
-        if doc.get("_deleted"):
-            return
-        try:
-            found = in_flight_tasks(doc)
-        except MalformedTaskError:
-            return  # the sender already counted and logged it
-        for task in found:
-            urns = frozenset(f"tel:{normalize(app_settings, m.to) or m.to}" for m in task.messages)
-            self._add(Tracked(task, urns))
-
-    def _add(self, tracked: Tracked) -> None:
-        key = tracked.key
-        self.by_task[key] = tracked
-        self._by_doc.setdefault(tracked.task.ref.doc_id, set()).add(key)
-        self._by_ref.setdefault(ref_key(tracked.task.gateway_ref), set()).add(key)
-
-    def remove(self, key: str) -> None:
-        tracked = self.by_task.pop(key, None)
-        if tracked is None:
-            return
-        for index, name in (
-            (self._by_doc, tracked.task.ref.doc_id),
-            (self._by_ref, ref_key(tracked.task.gateway_ref)),
-        ):
-            keys = index.get(name)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del index[name]
-
-    def remove_doc(self, doc_id: str) -> None:
-        for key in list(self._by_doc.get(doc_id, ())):
-            self.remove(key)
-
-    def for_broadcast(self, gateway_ref: Any) -> list[Tracked]:
-        return [self.by_task[k] for k in self._by_ref.get(ref_key(gateway_ref), ())]
-
-    def has_ref(self, gateway_ref: Any) -> bool:
-        return ref_key(gateway_ref) in self._by_ref
-
-
-@dataclass(frozen=True, slots=True)
-class Update:
-    tracked: Tracked
-    status: str
-
-
-@dataclass(slots=True)
-class RoundReport:
-    """What one poll round did (the canonical `status_poll_completed` line)."""
-
-    tracked: int = 0
-    window_s: float = 0.0
-    deep: bool = False
-    requests: int = 0
-    rows: int = 0
-    matched: int = 0
-    updated: int = 0
-    dropped: int = 0
-    conflicts: int = 0
-    stopped: str | None = None
-
-
-class StatusPoller:
-    """Polls RapidPro for the status of in-flight messages and writes the new states."""
+class StatusWriter:
+    """Writes RapidPro statuses onto the CHT tasks they belong to."""
 
     def __init__(
         self,
         *,
         couch: CouchClient,
         writer: BulkWriter,
-        rapidpro: RapidProClient,
         cht: ChtConfig,
-        settings: Settings,
-        index: InFlightIndex,
+        index: TrackedIndex,
         metrics: Metrics,
         on_accepted: Callable[[str], None] = lambda _doc_id: None,
         on_written: Callable[[str, str | None], None] = lambda _doc_id, _rev: None,
     ) -> None:
         self._on_written = on_written  # our own revisions: the feed need not read them back
-        self._on_accepted = on_accepted  # a write without quorum: merge what it may leave
         self._couch = couch
         self._writer = writer
-        self._rapidpro = rapidpro
         self._cht = cht
-        self._settings = settings
-        self.index = index
+        self._index = index
         self._metrics = metrics
+        self._on_accepted = on_accepted  # a write without quorum: merge what it may leave
         self._log = get_logger(component="poller")
-        self._deep_interval = max(600.0, 10 * settings.poll_interval_s)
-        self._next_deep = 0.0
-        self.last_round: RoundReport | None = None
+        self.ref_view = False  # CHT's messages_by_gateway_ref exists (set by the follower)
 
-    async def run(self, stop: Any) -> None:
-        """Poll every `poll_interval_s` until `stop` (an asyncio.Event) is set."""
-        while not stop.is_set():
-            try:
-                await self.run_once()
-            except GatewayError as exc:
-                self._log.warning("status_poll_retrying", error=str(exc))
-            await sleep_or_wake(stop, self._settings.poll_interval_s)
+    async def docs_for(self, keys: Iterable[int], host: str) -> dict[str, JsonDict]:
+        """The documents holding tasks with these keys (one CouchDB request)."""
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return {}
+        if self.ref_view:
+            view = [k for key in wanted for k in view_keys(key, host)]
+            rows = await self._couch.view(*REF_VIEW, keys=view, include_docs=True)
+            return {
+                str(row["id"]): row["doc"]
+                for row in rows
+                if isinstance(row.get("doc"), dict) and isinstance(row.get("id"), str)
+            }
+        ids = {doc_id for key in wanted if (doc_id := self._index.doc_id(key)) is not None}
+        return await self._couch.get_many(sorted(ids))
 
-    def _expire(self, now: datetime, report: RoundReport) -> None:
-        """Stop tracking what RapidPro will not change any more (window bounds)."""
-        grace = timedelta(seconds=self._settings.sent_grace_s)
-        limit = timedelta(seconds=self._settings.max_tracking_s)
-        for key, tracked in list(self.index.by_task.items()):
-            sent_at = tracked.task.sent_at
-            if sent_at is None:
-                continue
-            age = now - sent_at
-            if age > limit or (tracked.task.state == State.SENT and age > grace):
-                self.index.remove(key)
-                report.dropped += 1
-
-    async def run_once(self) -> RoundReport:
-        """One poll round; returns its report (also logged)."""
-        report = RoundReport()
-        started = time.monotonic()
-        gate = self._cht.gate
-        if not gate.open or gate.target is None:
-            return report
-        now = datetime.now(UTC)
-        self._expire(now, report)
-        self._metrics.in_flight.set(len(self.index))
-        report.tracked = len(self.index)
-        if not self.index.by_task:
-            self._metrics.status_polls.inc()  # a round, with nothing to ask RapidPro
-            return report
-        stamps = [t.task.sent_at or now for t in self.index.by_task.values()]
-        young = [s for s in stamps if (now - s).total_seconds() < YOUNG_S]
-        deep = not young or time.monotonic() >= self._next_deep
-        report.deep = deep
-        oldest = min(stamps if deep else young)
-        after = oldest - timedelta(seconds=self._settings.clock_skew_s)
-        report.window_s = round((now - after).total_seconds(), 1)
-
-        # Newest first: the first row seen for a task is its current status.
-        seen: set[str] = set()
-        updates: list[Update] = []
-        try:
-            async for page in self._rapidpro.messages(gate.target, after=after):
-                report.requests += 1
-                report.rows += len(page)
-                updates += self._match(page, seen)
-        except RetryableError as exc:
-            report.stopped = "throttled" if exc.retry_after is not None else "unavailable"
-            self._log.warning(
-                "status_poll_interrupted",
-                reason=report.stopped,
-                error=str(exc),
-                requests=report.requests,
-            )
-        except (AuthError, UpstreamConfigError) as exc:
-            report.stopped = "refused"
-            self._log.error("status_poll_refused", error=str(exc))
-        else:
-            if deep:
-                self._next_deep = time.monotonic() + self._deep_interval
-        report.matched = len(updates)
-        if updates:
-            await self._write(updates, report)
-        self._metrics.status_polls.inc()
-        self._metrics.in_flight.set(len(self.index))
-        self.last_round = report
-        self._log.info(
-            "status_poll_completed",
-            tracked=report.tracked,
-            window_s=report.window_s,
-            deep=report.deep,
-            requests=report.requests,
-            rows=report.rows,
-            matched=report.matched,
-            updated=report.updated,
-            dropped=report.dropped,
-            conflicts=report.conflicts,
-            stopped=report.stopped,
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
-        )
-        return report
-
-    def _match(self, page: Iterable[Message], seen: set[str]) -> list[Update]:
-        updates = []
-        for row in page:
-            if row.direction == "in" or row.broadcast is None or row.status is None:
-                continue
-            candidates = self.index.for_broadcast(row.broadcast)
-            if len(candidates) > 1:
-                # Several of our tasks share this broadcast: tell them apart by URN.
-                candidates = [t for t in candidates if row.urn in t.urns]
-            for tracked in candidates:
-                if tracked.key in seen:
-                    continue
-                seen.add(tracked.key)
-                mapped = STATUS_MAP.get(row.status)
-                if mapped == (tracked.task.state, tracked.task.details):
-                    continue  # no news: nothing to read or write
-                if mapped is not None:
-                    updates.append(Update(tracked, row.status))
-                else:
-                    self._log.debug("status_unknown", rapidpro_status=row.status)
-        return updates
-
-    async def _write(self, updates: list[Update], report: RoundReport) -> None:
-        by_doc: dict[str, list[Update]] = {}
-        for update in updates:
-            by_doc.setdefault(update.tracked.task.ref.doc_id, []).append(update)
-        pending = dict(by_doc)
+    async def write(
+        self, updates: Mapping[int, Sequence[Message]], *, host: str, now: float
+    ) -> tuple[int, int]:
+        """Apply the newest status of each key's row(s); returns (tasks updated, conflicts)."""
+        updated = conflicts = 0
+        docs = await self.docs_for(updates, host)
+        found = {key for doc in docs.values() for key in _in_flight_keys(doc) if key in updates}
+        for key in updates:
+            if key not in found:
+                self._index.finish(key, now)  # no task in flight carries it any more
+        pending = {
+            doc_id: doc for doc_id, doc in docs.items() if _in_flight_keys(doc) & set(updates)
+        }
         for _ in range(MAX_WRITE_ROUNDS):
             if not pending:
-                return
-            docs = await self._couch.get_many(list(pending))
-            writes: list[tuple[JsonDict, list[Update]]] = []
-            for doc_id, doc_updates in pending.items():
-                doc = docs.get(doc_id)
-                if doc is None:
-                    self.index.remove_doc(doc_id)
-                    continue
+                break
+            writes: list[tuple[JsonDict, int]] = []
+            for doc in pending.values():
                 changed = clone(doc)
-                applied = [u for u in doc_updates if self._apply(changed, u)]
-                if applied:
-                    writes.append((changed, applied))
+                count = self._apply(changed, updates)
+                if count:
+                    writes.append((changed, count))
                 else:
-                    self.index.update_doc(doc, self._cht.app_settings)
-            # Concurrent writes share one _bulk_docs request (group commit).
+                    self._index.update_doc(doc, now)
             results = await asyncio.gather(*(self._writer.write(doc) for doc, _ in writes))
-            pending = {}
-            for (doc, applied), result in zip(writes, results, strict=True):
+            retry: list[str] = []
+            for (doc, count), result in zip(writes, results, strict=True):
                 if result.ok:
                     doc["_rev"] = result.rev
                     self._on_written(str(doc["_id"]), result.rev)
                     if result.accepted:
                         self._on_accepted(str(doc["_id"]))
-                    report.updated += len(applied)
-                    for update in applied:
-                        state, _ = STATUS_MAP[update.status]
-                        self._metrics.state_updates.labels(state.value).inc()
-                        if state == State.DELIVERED:
-                            self._metrics.messages_delivered.inc()
-                        elif state == State.FAILED:
-                            self._metrics.messages_failed.inc()
-                    self.index.update_doc(doc, self._cht.app_settings)
+                    updated += count
+                    self._count_states(doc, updates)
+                    self._index.update_doc(doc, now)
                 elif result.conflict:
-                    report.conflicts += 1
+                    conflicts += 1
                     self._metrics.write_conflicts.inc()
-                    pending[str(doc["_id"])] = by_doc[str(doc["_id"])]
+                    retry.append(str(doc["_id"]))
                 else:
                     self._log.error("status_write_refused", doc_id=doc["_id"], error=result.error)
+            pending = await self._couch.get_many(retry) if retry else {}
         if pending:
             self._log.warning("status_write_gave_up", docs=len(pending))
+        return updated, conflicts
 
-    def _apply(self, doc: JsonDict, update: Update) -> bool:
-        """setTaskState for a polled status, if the task is still the one we polled for."""
-        task = task_at(doc, update.tracked.task.ref)
-        ref = update.tracked.task.gateway_ref
-        if (
-            task is None
-            or ref_key(task.get("gateway_ref")) != ref_key(ref)
-            or task.get("state") not in IN_FLIGHT_STATES
-        ):
-            return False
-        state, details = STATUS_MAP[update.status]
-        changed = set_task_state(task, state, details, task.get("gateway_ref"))
-        if update.status in FINAL_STATUSES:
-            self.index.remove(update.tracked.key)
+    def _apply(self, doc: JsonDict, updates: Mapping[int, Sequence[Message]]) -> int:
+        """setTaskState for each in-flight task a row speaks for; returns tasks changed."""
+        changed = 0
+        settings = self._cht.app_settings
+        try:
+            tasks = list(iter_tasks(doc))
+        except MalformedTaskError:
+            return 0
+        for ref, _ in tasks:
+            task = task_at(doc, ref)
+            key = index_key(task.get("gateway_ref")) if task is not None else None
+            rows = updates.get(key) if key is not None else None
+            if task is None or not rows or task.get("state") not in IN_FLIGHT_STATES:
+                continue
+            row = _row_for(task, rows, settings)
+            mapped = STATUS_MAP.get(row.status or "") if row is not None else None
+            if mapped is None:
+                continue
+            state, details = mapped
+            if set_task_state(task, state, details, task.get("gateway_ref")):
+                changed += 1
         return changed
+
+    def _count_states(self, doc: JsonDict, updates: Mapping[int, Sequence[Message]]) -> None:
+        try:
+            tasks = list(iter_tasks(doc))
+        except MalformedTaskError:
+            return
+        for _, task in tasks:
+            key = index_key(task.get("gateway_ref"))
+            if key is None or key not in updates:
+                continue
+            state = task.get("state")
+            if isinstance(state, str):
+                self._metrics.state_updates.labels(state).inc()
+            if state == State.DELIVERED:
+                self._metrics.messages_delivered.inc()
+            elif state == State.FAILED:
+                self._metrics.messages_failed.inc()
+
+
+def _in_flight_keys(doc: JsonDict) -> set[int]:
+    keys = set()
+    try:
+        for _, task in iter_tasks(doc):
+            key = index_key(task.get("gateway_ref"))
+            if key is not None and task.get("state") in IN_FLIGHT_STATES:
+                keys.add(key)
+    except MalformedTaskError:
+        pass
+    return keys
+
+
+def _row_for(
+    task: Mapping[str, Any], rows: Sequence[Message], settings: Mapping[str, Any]
+) -> Message | None:
+    """The row for this task: the only one, or the one sent to the task's number (several
+    of a broadcast's recipients may be ours)."""
+    if len(rows) == 1:
+        return rows[0]
+    messages = task.get("messages")
+    numbers = {
+        number_tail(normalize(settings, m.get("to")) or m.get("to"))
+        for m in (messages if isinstance(messages, list) else [])
+        if isinstance(m, dict)
+    }
+    for row in rows:
+        if number_tail(row.urn) in numbers:
+            return row
+    return None

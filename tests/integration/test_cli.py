@@ -42,6 +42,7 @@ from support import (
     CouchAdmin,
     all_tasks,
     eventually,
+    install_cht_views,
     message_doc,
     rapidpro_settings,
     start_daemon_process,
@@ -112,13 +113,14 @@ async def test_check_all_ok_with_cht_set_up_and_a_running_daemon(
     cht: CouchAdmin, daemon_factory: Any
 ) -> None:
     await cht.put_vault_credential("rapidpro:incoming", INCOMING_KEY)
+    await install_cht_views(cht)  # CHT's design documents, as a CHT 4.x instance has them
     daemon = await healthy_daemon(daemon_factory)
     settings = settings_for(cht, CHT_RAPIDPRO_PORT=port_of(daemon))
 
     out = io.StringIO()
     assert await run_check(settings, out=out) == EX_OK
     table = out.getvalue()
-    assert "all 11 checks passed" in table
+    assert "all 12 checks passed" in table
     assert "FAIL" not in table and "fix:" not in table
     assert "CHT 4.x vault" in table
     for secret in (DEFAULT_TOKEN, INCOMING_KEY, "secret"):  # nor CouchDB's admin password
@@ -137,8 +139,22 @@ async def test_check_all_ok_with_cht_set_up_and_a_running_daemon(
         "cht.credential.rapidpro:outgoing": "ok",
         "cht.credential.rapidpro:incoming": "ok",
         "rapidpro.api": "ok",
+        "rapidpro.log": "ok",
         "daemon.listener": "ok",
     }
+    assert rows["rapidpro.log"]["detail"].startswith("mirroring off, recovery off")
+
+
+async def test_check_reports_mirroring_recovery_and_missing_views(cht: CouchAdmin) -> None:
+    flow = "0b6a9f6e-2f4b-4c3e-8c9a-1d2e3f4a5b6c"
+    settings = settings_for(
+        cht, CHT_RAPIDPRO_MIRROR_OUTGOING="true", CHT_RAPIDPRO_INCOMING_FLOWS=flow
+    )
+    _, rows = await check_json(settings)
+    row = rows["rapidpro.log"]
+    assert row["status"] == "warn"
+    assert row["detail"].startswith("mirroring on, recovery for 1 flow (webhook ids: run)")
+    assert "threaded by number only" in row["detail"] and "kept in memory" in row["detail"]
 
 
 async def test_check_explains_a_wrong_token(cht: CouchAdmin, rapidpro: Any) -> None:
@@ -549,7 +565,7 @@ async def test_status_shows_checkpoints_and_the_running_daemon(
     assert report["daemon"]["health"] == "ok"
     assert report["daemon"]["in_flight"] == 0
     # No throttle in the sandbox, but the default client-side budgets still count down.
-    assert set(report["daemon"]["budget_left"]) == {"broadcasts", "messages"}
+    assert set(report["daemon"]["budget_left"]) == {"broadcasts", "messages", "runs"}
 
     code, out, _ = await cli("status", env={"COUCH_URL": cht.couch_url,
                                             "CHT_RAPIDPRO_INSTANCE": "old-replica",

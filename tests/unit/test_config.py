@@ -494,6 +494,9 @@ NOT_NUMBERS = {
     "instance",
     "log_level",
     "log_format",
+    "mirror_outgoing",
+    "incoming_flows",
+    "incoming_id",
 }
 
 

@@ -19,7 +19,7 @@ from .common import (
     EX_USAGE,
     CommandError,
 )
-from .parse import run_parse
+from .parse import run_parse, run_parse_rapidpro
 from .send import run_send
 from .status import run_status
 
@@ -35,6 +35,7 @@ __all__ = [
     "CommandError",
     "run_check",
     "run_parse",
+    "run_parse_rapidpro",
     "run_send",
     "run_status",
 ]

@@ -120,6 +120,7 @@ class _Diagnosis:
             self._phone_settings(app)
             token = await self._credential(couch, creds.OUTGOING)
             await self._credential(couch, creds.INCOMING)
+            await self._message_log(couch, db_ok)
         finally:
             await couch.close()
         await self._rapidpro(url, token)
@@ -593,6 +594,52 @@ class _Diagnosis:
             )
 
     # -- the daemon -------------------------------------------------------------------------
+
+    async def _message_log(self, couch: CouchClient, db_ok: bool) -> None:
+        """What following RapidPro's log does with these settings and this database's views."""
+        what = "RapidPro's message log (status, mirroring, recovery)"
+        settings = self.settings
+        flows = len(settings.incoming_flows)
+        recovery = (
+            f"recovery for {flows} flow{'s' if flows != 1 else ''} (webhook ids: "
+            f"{settings.incoming_id})"
+            if flows
+            else "recovery off"
+        )
+        parts = [f"mirroring {'on' if settings.mirror_outgoing else 'off'}, {recovery}"]
+        blocked = self._couch_blocked()
+        if blocked or not db_ok:
+            self.add("rapidpro.log", what, SKIP, "; ".join(parts) + f"; {blocked or 'no db'}")
+            return
+        try:
+            ref_view = await couch.has_view("medic-sms", "messages_by_gateway_ref")
+            contacts_view = await couch.has_view("medic-client", "contacts_by_phone")
+        except GatewayError as exc:
+            self._note_refusal(exc)
+            self.add("rapidpro.log", what, FAIL, f"cannot read CHT's views: {exc}", "retry")
+            return
+        parts.append(
+            "tasks found by gateway_ref through CHT's medic-sms view"
+            if ref_view
+            else "no medic-sms/messages_by_gateway_ref view: tracked messages' document ids "
+            "are kept in memory (about 150 bytes each)"
+        )
+        if settings.mirror_outgoing:
+            parts.append(
+                "mirrored messages join their contact's conversation (medic-client "
+                "contacts_by_phone)"
+                if contacts_view
+                else "no medic-client/contacts_by_phone view: mirrored messages are threaded "
+                "by number only"
+            )
+        # Without CHT's views the daemon works (as said); only mirrored messages lose
+        # their place in the contact's conversation.
+        status = WARN if settings.mirror_outgoing and not contacts_view else OK
+        fix = (
+            "this database lacks CHT's design documents (CHT installs medic-client): point "
+            "COUCH_URL at CHT's database"
+        )
+        self.add("rapidpro.log", what, status, "; ".join(parts), fix)
 
     async def _listener(self) -> None:
         what = "webhook listener (daemon)"

@@ -1,4 +1,5 @@
-"""`cht-rapidpro status`: messages by state, the oldest unsent one, feed checkpoints, the daemon.
+"""`cht-rapidpro status`: messages by state, the oldest unsent one, feed checkpoints, RapidPro's
+message log (mirrored and recovered messages), the daemon.
 
 Counts come from CHT's own `medic/messages_by_state` view when the db has it (what CHT counts),
 else from a streamed scan that applies the same rules to every document. Only numbers are
@@ -18,7 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..cht.state import SENDABLE_STATES, js_truthy, parse_iso
 from ..config import Settings
 from ..couch.client import CouchClient, JsonDict
+from ..messagelog import POSITION_ID
 from ..replicas import PREFIX as REPLICA_PREFIX
+from ..tracking import MIRROR_REF_PREFIX
 from .common import (
     EX_OK,
     format_age,
@@ -66,6 +69,50 @@ class Checkpoint:
     configured: bool = False  # the instance these settings name (CHT_RAPIDPRO_INSTANCE)
 
 
+#: Mirrored documents are counted up to this many.
+MIRRORED_COUNT_CAP = 1_000_000
+
+
+@dataclass(slots=True)
+class MessageLogState:
+    """RapidPro's message log as the follower left it (`_local/cht-rapidpro-log`)."""
+
+    mirror: bool
+    flows: list[str]
+    incoming_id: str
+    saved_at: str | None = None
+    saved_by: str | None = None
+    age_s: float | None = None  # since the position was saved
+    behind_s: float | None = None  # newest message read, behind the save
+    gaps: int = 0
+    mirrored_docs: int = 0  # documents rapidpro-msg:* in CouchDB
+    mirrored_capped: bool = False
+    counted: dict[str, int] = field(default_factory=dict)  # by the followers, all time
+
+
+async def read_message_log(couch: CouchClient, settings: Settings) -> MessageLogState:
+    state = MessageLogState(
+        mirror=settings.mirror_outgoing,
+        flows=list(settings.incoming_flows),
+        incoming_id=settings.incoming_id,
+    )
+    doc = await couch.get(f"_local/{POSITION_ID}")
+    if doc:
+        saved = parse_iso(doc.get("saved_at"))
+        top = parse_iso(doc.get("top"))
+        state.saved_at = saved.isoformat() if saved else None
+        state.saved_by = doc.get("saved_by") if isinstance(doc.get("saved_by"), str) else None
+        state.age_s = (now_utc() - saved).total_seconds() if saved else None
+        state.behind_s = (saved - top).total_seconds() if saved and top else None
+        state.gaps = len(doc.get("gaps") or [])
+        totals = doc.get("totals")
+        if isinstance(totals, dict):
+            state.counted = {k: v for k, v in totals.items() if isinstance(v, int)}
+    state.mirrored_docs = await couch.count_prefix(MIRROR_REF_PREFIX, cap=MIRRORED_COUNT_CAP)
+    state.mirrored_capped = state.mirrored_docs >= MIRRORED_COUNT_CAP
+    return state
+
+
 @dataclass(slots=True)
 class DaemonState:
     url: str | None
@@ -74,6 +121,8 @@ class DaemonState:
     problems: list[str] = field(default_factory=list)
     in_flight: float | None = None
     send_queue: float | None = None
+    mirrored: float | None = None  # since the daemon started
+    recovered: float | None = None
     budget_left: dict[str, float] | None = None
     note: str | None = None
 
@@ -318,6 +367,8 @@ async def daemon_state(settings: Settings) -> DaemonState:
         return state
     state.in_flight = _first(samples, "chtrp_in_flight_messages")
     state.send_queue = _first(samples, "chtrp_send_queue_documents")
+    state.mirrored = _first(samples, "chtrp_messages_mirrored_total")
+    state.recovered = _first(samples, "chtrp_incoming_recovered_total")
     budget = samples.get(BUDGET_METRIC)
     if budget:
         state.budget_left = {labels.get("scope", "?"): value for labels, value in budget}
@@ -346,6 +397,7 @@ class StatusReport:
     messages: MessageCounts
     checkpoints: list[Checkpoint]
     daemon: DaemonState
+    message_log: MessageLogState
 
     def oldest_unsent_age_s(self) -> float | None:
         due = self.messages.oldest_unsent_due_ms
@@ -363,6 +415,7 @@ async def collect(settings: Settings) -> StatusReport:
         update_seq = info.get("update_seq")
         counts = await count_messages(couch)
         checkpoints = await read_checkpoints(couch, settings)
+        message_log = await read_message_log(couch, settings)
     daemon = await daemon_state(settings)
     doc_count = info.get("doc_count")
     return StatusReport(
@@ -372,6 +425,7 @@ async def collect(settings: Settings) -> StatusReport:
         messages=counts,
         checkpoints=checkpoints,
         daemon=daemon,
+        message_log=message_log,
     )
 
 
@@ -428,6 +482,7 @@ def render(report: StatusReport) -> str:
             text += f" (replica {point.replica})"
         name = f"{point.instance} (CHT_RAPIDPRO_INSTANCE)" if point.configured else point.instance
         lines.append(f"{label}{name}: {text}")
+    lines += _render_message_log(report.message_log)
     daemon = report.daemon
     if not daemon.running:
         lines.append(f"daemon       not running ({daemon.note})")
@@ -441,6 +496,11 @@ def render(report: StatusReport) -> str:
                 f"             {_num(daemon.in_flight)} messages tracked in flight, "
                 f"{_num(daemon.send_queue)} documents waiting to be sent"
             )
+        if daemon.mirrored is not None or daemon.recovered is not None:
+            lines.append(
+                f"             since it started: {_num(daemon.mirrored)} messages mirrored, "
+                f"{_num(daemon.recovered)} incoming SMS recovered"
+            )
         if daemon.budget_left is not None:
             left = ", ".join(
                 f"{scope} {_num(v)}" for scope, v in sorted(daemon.budget_left.items())
@@ -449,6 +509,34 @@ def render(report: StatusReport) -> str:
         if daemon.note:
             lines.append(f"             {daemon.note}")
     return "\n".join(lines)
+
+
+def _render_message_log(log: MessageLogState) -> list[str]:
+    flows = len(log.flows)
+    recovery = (
+        f"recovery for {flows} flow{'s' if flows != 1 else ''} (webhook ids: {log.incoming_id})"
+        if flows
+        else "recovery off"
+    )
+    lines = [f"rapidpro log mirroring {'on' if log.mirror else 'off'}, {recovery}"]
+    if log.saved_at is None:
+        lines.append("             no position saved yet")
+    else:
+        text = f"position saved {format_age(log.age_s or 0)} ago"
+        if log.saved_by:
+            text += f" by {log.saved_by}"
+        if log.behind_s is not None and (log.mirror or flows):
+            text += f", {format_age(log.behind_s)} behind RapidPro's newest message then"
+        if log.gaps:
+            text += f"; {log.gaps} stretch{'es' if log.gaps != 1 else ''} still to read"
+        lines.append(f"             {text}")
+    more = "more than " if log.mirrored_capped else ""
+    lines.append(
+        f"             in CouchDB: {more}{log.mirrored_docs} mirrored messages; counted by the "
+        f"followers: {log.counted.get('mirrored', 0)} mirrored, "
+        f"{log.counted.get('recovered', 0)} incoming SMS recovered"
+    )
+    return lines
 
 
 def _num(value: float | None) -> str:

@@ -449,6 +449,28 @@ class CouchClient:
                 return
         raise ConflictError(f"write {body['_id']}: kept conflicting")
 
+    async def count_prefix(self, prefix: str, *, cap: int, page: int = 10_000) -> int:
+        """How many documents have an `_id` starting with `prefix` (ids only, a page at a
+        time), counting up to `cap`."""
+        count, start, skip = 0, json.dumps(prefix), 0
+        while count < cap:
+            limit = min(page, cap - count)
+            params = {
+                "startkey": start,
+                "endkey": json.dumps(prefix + "\ufff0"),
+                "limit": str(limit),
+                "skip": str(skip),
+            }
+            body = await self._request_json(
+                "GET", self._url(self.target.db, "_all_docs"), "count docs", params=params
+            )
+            rows = body.get("rows") or []
+            count += len(rows)
+            if len(rows) < limit:
+                break
+            start, skip = json.dumps(rows[-1]["id"]), 1
+        return count
+
     async def docs_with_prefix(self, prefix: str) -> list[JsonDict]:
         """Documents whose `_id` starts with `prefix` (one `_all_docs` range read)."""
         params = {

@@ -1,4 +1,4 @@
-"""RapidPro API v2 client: send broadcasts, list broadcasts and messages.
+"""RapidPro API v2 client: send broadcasts, list broadcasts, messages and flow runs.
 
 Thin and typed: it turns every HTTP outcome into an `errors` class through one table
 (`classify`) and holds no business rules. Callers pass the `Target` (URL and token), which
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,8 +31,11 @@ from ..errors import (
     UpstreamConfigError,
 )
 from ..metrics import Metrics
-from .models import Broadcast, Message, Target
+from .models import Broadcast, Message, Run, Target
 from .throttle import BROADCASTS, MESSAGES, Budget
+
+#: RapidPro's `v2.runs` throttle scope (a bucket of its own, rapidpro-api §1.6).
+RUNS = "runs"
 
 USER_AGENT = (
     f"cht-rapidpro/{__version__} (+https://github.com/medic/cht-core; "
@@ -260,12 +263,50 @@ class RapidProClient:
             url = next_url if isinstance(next_url, str) and next_url else None
 
     async def messages(
-        self, target: Target, *, after: datetime, wait_for_budget: bool = False
-    ) -> AsyncIterator[list[Message]]:
-        """GET /api/v2/messages.json?after=..., newest first, a page (250) at a time."""
-        params = {"after": _iso(after)}
+        self,
+        target: Target,
+        *,
+        after: datetime | None = None,
+        before: datetime | None = None,
+        broadcast: int | None = None,
+        message_id: int | None = None,
+        folder: str | None = None,
+        wait_for_budget: bool = False,
+    ) -> AsyncGenerator[list[Message], None]:
+        """GET /api/v2/messages.json, newest first, a page (250) at a time.
+
+        `after`/`before` are inclusive bounds on `created_on`; `broadcast` and `message_id`
+        ask for one broadcast's or one message's rows (deprecated filters on TextIt, still
+        served); `folder` (e.g. `flows`) excludes `broadcast` (rapidpro-api §4.1).
+        """
+        params: dict[str, str] = {}
+        if after is not None:
+            params["after"] = _iso(after)
+        if before is not None:
+            params["before"] = _iso(before)
+        if broadcast is not None:
+            params["broadcast"] = str(broadcast)
+        if message_id is not None:
+            params["id"] = str(message_id)
+        if folder is not None:
+            params["folder"] = folder
         async for page in self._pages(target, "messages", MESSAGES, params, wait=wait_for_budget):
             yield [Message.from_json(row) for row in page]
+
+    async def runs(
+        self,
+        target: Target,
+        *,
+        flow: str,
+        after: datetime | None = None,
+        wait_for_budget: bool = False,
+    ) -> AsyncGenerator[list[Run], None]:
+        """GET /api/v2/runs.json?flow=...&after=... (`after` on `modified_on`), newest first."""
+        params = {"flow": flow}
+        if after is not None:
+            params["after"] = _iso(after)
+        async for page in self._pages(target, "runs", RUNS, params, wait=wait_for_budget):
+            yield [Run.from_json(row) for row in page]
 
     async def broadcasts(
         self, target: Target, *, after: datetime

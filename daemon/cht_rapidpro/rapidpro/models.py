@@ -70,21 +70,49 @@ class Broadcast:
 
 
 @dataclass(frozen=True, slots=True)
+class FlowRef:
+    """A flow as RapidPro names it in a message or run (`{"uuid", "name"}`)."""
+
+    uuid: str
+    name: str | None
+
+    @classmethod
+    def from_json(cls, value: Any) -> FlowRef | None:
+        if not isinstance(value, dict) or not isinstance(value.get("uuid"), str):
+            return None
+        name = value.get("name")
+        return cls(uuid=value["uuid"], name=name if isinstance(name, str) else None)
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
-    """A row of GET /messages: enough to match it to a broadcast and read its status."""
+    """A row of GET /messages (rapidpro-api §4.3): what the log follower reads of it.
+
+    `text` and `contact_name` are health data: never logged.
+    """
 
     id: Any
     broadcast: Any
-    urn: str | None
+    urn: str | None = field(repr=False)
     direction: str | None
     status: str | None
     created_on: datetime | None
+    uuid: str | None = None  # current dialect only
+    text: str | None = field(default=None, repr=False)
+    flow: FlowRef | None = None
+    contact_uuid: str | None = None
+    modified_on: datetime | None = None
+    attachments: int = 0
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Message:
         urn = body.get("urn")
         status = body.get("status")
         direction = body.get("direction")
+        text = body.get("text")
+        contact = body.get("contact")
+        attachments = body.get("attachments")
+        message_uuid = body.get("uuid")
         return cls(
             id=body.get("id"),
             broadcast=body.get("broadcast"),
@@ -92,4 +120,45 @@ class Message:
             direction=direction if isinstance(direction, str) else None,
             status=status if isinstance(status, str) else None,
             created_on=parse_iso(body.get("created_on")),
+            uuid=message_uuid if isinstance(message_uuid, str) and message_uuid else None,
+            text=text if isinstance(text, str) else None,
+            flow=FlowRef.from_json(body.get("flow")),
+            contact_uuid=(
+                contact.get("uuid")
+                if isinstance(contact, dict) and isinstance(contact.get("uuid"), str)
+                else None
+            ),
+            modified_on=parse_iso(body.get("modified_on")),
+            attachments=len(attachments) if isinstance(attachments, list) else 0,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A row of GET /runs: which contact a flow ran for, when, and its uuid."""
+
+    id: Any
+    uuid: str | None
+    flow_uuid: str | None
+    contact_uuid: str | None
+    contact_urn: str | None = field(repr=False)
+    started_by_flow_start: bool  # `start` set: not started by an incoming message
+    created_on: datetime | None
+    modified_on: datetime | None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Run:
+        flow = FlowRef.from_json(body.get("flow"))
+        contact = body.get("contact") if isinstance(body.get("contact"), dict) else {}
+        assert isinstance(contact, dict)
+        run_uuid = body.get("uuid")
+        return cls(
+            id=body.get("id"),
+            uuid=run_uuid if isinstance(run_uuid, str) and run_uuid else None,
+            flow_uuid=flow.uuid if flow else None,
+            contact_uuid=contact.get("uuid") if isinstance(contact.get("uuid"), str) else None,
+            contact_urn=contact.get("urn") if isinstance(contact.get("urn"), str) else None,
+            started_by_flow_start=bool(body.get("start")),
+            created_on=parse_iso(body.get("created_on")),
+            modified_on=parse_iso(body.get("modified_on")),
         )

@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import bisect
 import dataclasses
 import functools
+import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -333,7 +335,11 @@ async def get_broadcasts(request: web.Request, sandbox: Sandbox) -> web.Response
 
 
 async def get_messages(request: web.Request, sandbox: Sandbox) -> web.Response:
-    """Filters, folders and orderings of `MessagesEndpoint` (spec §4.1-§4.2)."""
+    """Filters, folders and orderings of `MessagesEndpoint` (spec §4.1-§4.2).
+
+    Candidates come from the store's indexes (an id, a uuid, a broadcast, or the creation-time
+    window), so a page costs about the same with a million messages in the workspace.
+    """
     query, now, dialect = request.query, sandbox.now(), sandbox.config.dialect
     given = [name for name in EXCLUSIVE if query.get(name)]
     if len(given) > 1:
@@ -342,53 +348,154 @@ async def get_messages(request: web.Request, sandbox: Sandbox) -> web.Response:
         )
     wanted_id = wire.int_param(query, "id")
     wanted_uuid = wire.uuid_param(query, "uuid") if dialect == "current" else None
-    rows = [
-        m
-        for m in sandbox.messages
-        if sandbox.visible(m.created_on, now)
-        and (wanted_id is None or m.id == wanted_id)
-        and (wanted_uuid is None or m.uuid == wanted_uuid)
-    ]
-    states = {m.id: m.state_at(now) for m in rows}
+    broadcast = _broadcast_param(query)
     folder = query.get("folder", "").lower()
+    after, before, bad = _datetime_filters(query)
+    states: dict[int, tuple[str, datetime | None, datetime]] = {}
+
+    def state(m: MessageRecord) -> tuple[str, datetime | None, datetime]:
+        found = states.get(m.id)
+        if found is None:
+            found = states[m.id] = m.state_at(now)
+        return found
 
     def ordering(m: MessageRecord) -> datetime:
         if folder == "sent":  # `-sent_on, -id` (v8.1.37+)
-            return states[m.id][1] or m.created_on
+            return state(m)[1] or m.created_on
         if folder == "incoming":  # v9: ordered and windowed on `modified_on`
-            return states[m.id][2]
+            return state(m)[2]
         return m.created_on
 
-    if folder:
-        rows = [m for m in rows if _in_folder(m, states[m.id][0], folder, dialect)]
-    rows = _filter_messages(rows, query)
-    rows = _window(rows, ordering if folder == "incoming" else (lambda m: m.created_on), query)
+    def keep(m: MessageRecord) -> bool:
+        if not sandbox.listed(m, now):
+            return False
+        if wanted_id is not None and m.id != wanted_id:
+            return False
+        if wanted_uuid is not None and m.uuid != wanted_uuid:
+            return False
+        if broadcast is not None and m.broadcast != broadcast:
+            return False
+        if query.get("contact") and m.contact.uuid != query["contact"]:
+            return False
+        if query.get("label"):
+            return False  # no labels in the sandbox
+        if folder and not _in_folder(m, state(m)[0], folder, dialect):
+            return False
+        moment = ordering(m)
+        return (after is None or moment >= after) and (before is None or moment <= before)
 
-    def key(m: MessageRecord) -> wire.SortKey:
-        return ordering(m), m.id
+    rows: list[MessageRecord]
+    if bad:
+        rows = []
+    elif wanted_id is not None:
+        found = sandbox.message_by_id(wanted_id)
+        rows = [found] if found else []
+    elif wanted_uuid is not None:
+        found = sandbox.message_by_uuid(wanted_uuid)
+        rows = [found] if found else []
+    elif broadcast is not None:
+        rows = sorted(sandbox.broadcast_messages(broadcast), key=lambda m: (m.created_on, m.id))
+    elif folder in ("sent", "incoming"):
+        # Not ordered by creation: every candidate is looked at (rare queries).
+        rows = [m for m in sandbox.messages if keep(m)]
+        return _page(request, rows, lambda m: (ordering(m), m.id), render(sandbox, now))
+    else:
+        rows = sandbox.messages_between(after, before)
+    return _page_walk(request, rows, lambda m: (m.created_on, m.id), keep, render(sandbox, now))
 
-    return _page(request, rows, key, lambda m: sandbox.message_json(m, now))
+
+def render(sandbox: Sandbox, now: datetime) -> Callable[[MessageRecord], dict[str, Any]]:
+    return lambda m: sandbox.message_json(m, now)
+
+
+def _broadcast_param(query: Mapping[str, str]) -> int | None:
+    if not query.get("broadcast"):
+        return None
+    try:
+        return int(query["broadcast"])
+    except ValueError:
+        # Straight into `filter(broadcast_id=...)`: Django raises, DRF answers 500 (§4.1).
+        raise ApiError(web.Response(status=500, text=SERVER_ERROR)) from None
 
 
 def _in_folder(message: MessageRecord, status: str, folder: str, dialect: str) -> bool:
     if message.direction == "in":
-        return folder == "flows" or (folder == "incoming" and dialect == "v9")
+        if folder == "flows":
+            return message.flow is not None
+        if folder == "inbox":
+            return message.flow is None
+        return folder == "incoming" and dialect == "v9"
     return status in FOLDER_STATUSES.get(folder, ())
 
 
-def _filter_messages(rows: list[MessageRecord], query: Mapping[str, str]) -> list[MessageRecord]:
-    if query.get("broadcast"):
-        try:
-            broadcast = int(query["broadcast"])
-        except ValueError:
-            # Straight into `filter(broadcast_id=...)`: Django raises, DRF answers 500 (§4.1).
-            raise ApiError(web.Response(status=500, text=SERVER_ERROR)) from None
-        return [m for m in rows if m.broadcast == broadcast]
-    if query.get("contact"):
-        return [m for m in rows if m.contact.uuid == query["contact"]]
-    if query.get("label"):
-        return []  # no labels in the sandbox
-    return rows
+def _page_walk(
+    request: web.Request,
+    rows: Sequence[T],
+    key: Callable[[T], wire.SortKey],
+    keep: Callable[[T], bool],
+    render: Callable[[T], dict[str, Any]],
+) -> web.Response:
+    """`_page` for rows already sorted oldest first: the page is found from the cursor by
+    bisection and filled by walking from there, so a page never looks at the whole list."""
+    cursor_text = request.query.get("cursor")
+    cursor = wire.Cursor.decode(cursor_text) if cursor_text else None
+    size = request.app[SANDBOX].config.page_size
+
+    def walk(start: int, step: int) -> Iterator[int]:
+        index = start
+        while 0 <= index < len(rows):
+            if keep(rows[index]):
+                yield index
+            index += step
+
+    if cursor is not None and cursor.reverse:
+        # The page just newer than the cursor: walk up, then read it newest first.
+        start = bisect.bisect_right(rows, cursor.position, key=key)
+        found = list(itertools.islice(walk(start, 1), size))
+        found.reverse()
+    else:
+        start = len(rows) if cursor is None else bisect.bisect_left(rows, cursor.position, key=key)
+        found = list(itertools.islice(walk(start - 1, -1), size))
+    if not found:
+        return json_response({"next": None, "previous": None, "results": []})
+    newest, oldest = found[0], found[-1]
+    has_next = next(walk(oldest - 1, -1), None) is not None
+    has_previous = cursor is not None and next(walk(newest + 1, 1), None) is not None
+
+    def link(position: wire.Cursor | None) -> str | None:
+        return None if position is None else str(request.url.update_query(cursor=position.encode()))
+
+    return json_response(
+        {
+            "next": link(wire.Cursor(key(rows[oldest])) if has_next else None),
+            "previous": link(
+                wire.Cursor(key(rows[newest]), reverse=True) if has_previous else None
+            ),
+            "results": [render(rows[index]) for index in found],
+        }
+    )
+
+
+async def get_runs(request: web.Request, sandbox: Sandbox) -> web.Response:
+    """`RunsEndpoint`: filters `flow`, `contact`, `id`, `uuid` (current), `responded`, and
+    `before`/`after` on `modified_on`; ordered `-modified_on, -id` (spec §1.5)."""
+    query, now = request.query, sandbox.now()
+    wanted_id = wire.int_param(query, "id")
+    wanted_uuid = wire.uuid_param(query, "uuid") if sandbox.config.dialect == "current" else None
+    responded = query.get("responded", "").lower()
+    rows = [
+        r
+        for r in sandbox.runs
+        if sandbox.visible(r.created_on, now)
+        and r.modified_on <= now
+        and (wanted_id is None or r.id == wanted_id)
+        and (wanted_uuid is None or r.uuid == wanted_uuid)
+        and (not query.get("flow") or r.flow.get("uuid") == query["flow"])
+        and (not query.get("contact") or r.contact.uuid == query["contact"])
+        and (responded not in ("true", "false") or r.responded == (responded == "true"))
+    ]
+    rows = _window(rows, lambda r: r.modified_on, query)
+    return _page(request, rows, lambda r: (r.modified_on, r.id), sandbox.run_json)
 
 
 async def get_contacts(request: web.Request, sandbox: Sandbox) -> web.Response:
@@ -413,6 +520,7 @@ ENDPOINTS: dict[str, dict[str, ApiHandler]] = {
     "broadcasts": {"GET": get_broadcasts, "POST": post_broadcast},
     "messages": {"GET": get_messages},
     "contacts": {"GET": get_contacts},
+    "runs": {"GET": get_runs},
 }
 
 
@@ -467,19 +575,42 @@ async def control_reset(request: web.Request) -> web.Response:
 
 @control.post("/_sandbox/incoming")
 async def control_incoming(request: web.Request) -> web.Response:
-    """`{"url","from","text"}` plus `headers` or a CHT `token`, optionally `run_uuid`."""
+    """`{"url","from","text"}` plus `headers` or a CHT `token`, optionally `run_uuid`, `flow`
+    (`{"uuid","name"}`) and `body` (`cht` or `message`)."""
     body = await _body(request)
     headers = dict(body.get("headers") or {})
     if body.get("token"):
         headers = {**cht_headers(str(body["token"])), **headers}
+    extra: dict[str, Any] = {}
+    if isinstance(body.get("flow"), dict):
+        extra["flow"] = {"uuid": str(body["flow"]["uuid"]), "name": str(body["flow"]["name"])}
     outcome = await request.app[SANDBOX].deliver_incoming(
         str(body["url"]),
         from_=str(body["from"]),
         text=str(body["text"]),
         headers=headers,
         run_uuid=body.get("run_uuid"),
+        body=str(body.get("body") or "cht"),
+        **extra,
     )
     return json_response(outcome.as_json())
+
+
+@control.post("/_sandbox/outgoing")
+async def control_outgoing(request: web.Request) -> web.Response:
+    """Messages RapidPro sends itself: `{"urns", "text"}`, optionally `flow` (`{"uuid",
+    "name"}`: a flow's reply, no broadcast), `broadcast` (true: made in RapidPro's UI) and
+    `outcome` (statuses after `queued`)."""
+    body = await _body(request)
+    flow = body.get("flow")
+    made = request.app[SANDBOX].send_from_rapidpro(
+        [str(urn) for urn in body["urns"]],
+        str(body["text"]),
+        flow={"uuid": str(flow["uuid"]), "name": str(flow["name"])} if flow else None,
+        broadcast=bool(body.get("broadcast")),
+        outcome=body.get("outcome"),
+    )
+    return json_response({"messages": [m.id for m in made]}, status=201)
 
 
 @control.post("/_sandbox/config")

@@ -14,6 +14,7 @@ read receipts as `read`, as the `current` dialect does.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import math
@@ -21,7 +22,7 @@ import random
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -35,8 +36,10 @@ OUTGOING_STATUSES = frozenset({"queued", "wired", "sent", "delivered", "read", "
 SENT_STATUSES = frozenset({"wired", "sent", "delivered", "read"})
 CHANNEL = {"uuid": "5f1ad8c4-6d4c-4a7f-9d1e-5a6b7c8d9e0f", "name": "Sandbox"}
 INCOMING_FLOW = {"uuid": "0b6a9f6e-2f4b-4c3e-8c9a-1d2e3f4a5b6c", "name": "CHT incoming"}
+#: A flow that replies to incoming messages and sends reminders (RapidPro-originated traffic).
+REMINDERS_FLOW = {"uuid": "5d2c9b1a-8e7f-4a6b-9c3d-2e1f0a9b8c7d", "name": "ANC reminders"}
 #: Broadcasts and messages get ids from different ranges, so mixing them up shows in tests.
-FIRST_BROADCAST_ID, FIRST_MESSAGE_ID = 1001, 500001
+FIRST_BROADCAST_ID, FIRST_MESSAGE_ID, FIRST_RUN_ID = 1001, 500001, 9000001
 
 
 def default_rates(dialect: Dialect) -> dict[str, int | None]:
@@ -56,7 +59,9 @@ def throttle_scope(endpoint: str, dialect: Dialect) -> str:
     """The view's `throttle_scope`: broadcasts share the catch-all `v2` bucket in current."""
     if endpoint == "broadcasts":
         return "v2.broadcasts" if dialect == "v9" else "v2"
-    return {"messages": "v2.messages", "contacts": "v2.contacts"}.get(endpoint, "v2")
+    return {"messages": "v2.messages", "contacts": "v2.contacts", "runs": "v2.runs"}.get(
+        endpoint, "v2"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,13 +171,24 @@ class MessageRecord:
     timeline: Timeline
     direction: str = "out"
     flow: Mapping[str, str] | None = None
+    #: Incoming: when the flow finished with it (status `P`, so not listed, until then).
+    handled_on: datetime | None = None
 
     @property
     def created_on(self) -> datetime:
         return self.timeline[0][0]
 
+    def listed_at(self, now: datetime) -> bool:
+        """Whether the default list shows it (it leaves out incoming messages still `P`)."""
+        return self.handled_on is None or self.handled_on <= now
+
     def state_at(self, now: datetime) -> tuple[str, datetime | None, datetime]:
         """`(status, sent_on, modified_on)` at `now`, maintained as courier does (spec §4.3)."""
+        if self.direction == "in":
+            handled = self.handled_on or self.created_on
+            return (
+                ("handled", None, handled) if handled <= now else ("queued", None, self.created_on)
+            )
         status, sent_on, modified_on = self.timeline[0][1], None, self.created_on
         for when, step in self.timeline[1:]:
             if when > now:
@@ -240,6 +256,22 @@ class BroadcastRecord:
         status = self.status_at(now, dialect)
         total = -1 if status == "pending" else self.recipients or -1  # `0 or -1`, as RapidPro
         return total, len(self.message_ids) if status == "completed" else 0
+
+
+@dataclass(slots=True)
+class RunRecord:
+    """A flow run: started by an incoming message (or by a flow start, `start`)."""
+
+    id: int
+    uuid: str
+    flow: Mapping[str, str]
+    contact: Contact
+    urn: str
+    created_on: datetime
+    modified_on: datetime
+    exited_on: datetime | None
+    start: str | None = None  # uuid of the flow start that created it
+    responded: bool = True
 
 
 class PostedBroadcast(NamedTuple):
@@ -313,12 +345,21 @@ class Sandbox:
         self.clock = Clock(real_time=self.config.real_time)
         self._broadcast_ids = itertools.count(FIRST_BROADCAST_ID)
         self._message_ids = itertools.count(FIRST_MESSAGE_ID)
+        self._run_ids = itertools.count(FIRST_RUN_ID)
         self.reset()
 
     def reset(self) -> None:
         """Forget everything but the config and the clock; ids keep counting up."""
         self.broadcasts: list[BroadcastRecord] = []
-        self.messages: list[MessageRecord] = []
+        self.messages: list[MessageRecord] = []  # in the order they were made
+        self.runs: list[RunRecord] = []
+        # Indexes (RapidPro's own are database indexes): by creation, id, uuid, broadcast.
+        self._ordered: list[MessageRecord] = []
+        self._order_keys: list[tuple[datetime, int]] = []
+        self._by_id: dict[int, MessageRecord] = {}
+        self._by_uuid: dict[str, MessageRecord] = {}
+        self._by_broadcast: dict[int, list[MessageRecord]] = {}
+        self._contacts_by_urn: dict[str, Contact] = {}
         self.contacts: list[Contact] = []
         self.requests: list[RequestRecord] = []
         self.incoming: list[IncomingOutcome] = []
@@ -446,18 +487,79 @@ class Sandbox:
     def find_contact(self, ref: str) -> Contact | None:
         """By UUID, or by URN as `ContactField` also does."""
         urn = wire.normalize_urn(ref, self.config.default_country)
+        if urn is not None and urn in self._contacts_by_urn:
+            return self._contacts_by_urn[urn]
         for contact in self.contacts:
-            if contact.uuid == ref or (urn is not None and urn in contact.urns):
+            if contact.uuid == ref:
                 return contact
         return None
 
     def contact_for(self, urn: str) -> Contact:
         """The contact owning `urn`, created (nameless) if new, as mailroom does."""
-        contact = self.find_contact(urn)
+        contact = self._contacts_by_urn.get(urn) or self.find_contact(urn)
         if contact is None:
             contact = Contact(len(self.contacts) + 1, str(uuid.uuid4()), None, [urn], self.now())
             self.contacts.append(contact)
+            self._contacts_by_urn[urn] = contact
         return contact
+
+    # --- the message store ---
+
+    def _index(self, message: MessageRecord) -> None:
+        self._by_id[message.id] = message
+        self._by_uuid[message.uuid] = message
+        if message.broadcast is not None:
+            self._by_broadcast.setdefault(message.broadcast, []).append(message)
+
+    def store_message(self, message: MessageRecord) -> None:
+        """Keep a message (in creation order, and in the id, uuid and broadcast indexes)."""
+        self.messages.append(message)
+        key = (message.created_on, message.id)
+        if not self._order_keys or key >= self._order_keys[-1]:
+            self._order_keys.append(key)
+            self._ordered.append(message)
+        else:
+            slot = bisect.bisect_left(self._order_keys, key)
+            self._order_keys.insert(slot, key)
+            self._ordered.insert(slot, message)
+        self._index(message)
+
+    def add_messages(self, messages: Iterable[MessageRecord]) -> None:
+        """Keep many messages at once (a workspace's history): one sort, not one insert each."""
+        added = list(messages)
+        self.messages.extend(added)
+        self._ordered.extend(added)
+        self._ordered.sort(key=lambda m: (m.created_on, m.id))
+        self._order_keys = [(m.created_on, m.id) for m in self._ordered]
+        for message in added:
+            self._index(message)
+
+    def next_message_id(self) -> int:
+        return next(self._message_ids)
+
+    def next_broadcast_id(self) -> int:
+        return next(self._broadcast_ids)
+
+    def message_by_id(self, message_id: int) -> MessageRecord | None:
+        return self._by_id.get(message_id)
+
+    def message_by_uuid(self, message_uuid: str) -> MessageRecord | None:
+        return self._by_uuid.get(message_uuid)
+
+    def broadcast_messages(self, broadcast: int) -> list[MessageRecord]:
+        return list(self._by_broadcast.get(broadcast, ()))
+
+    def messages_between(
+        self, after: datetime | None, before: datetime | None
+    ) -> list[MessageRecord]:
+        """Messages created in [after, before] (inclusive, as RapidPro's filters), oldest first."""
+        low = 0 if after is None else bisect.bisect_left(self._order_keys, (after, -1))
+        high = (
+            len(self._order_keys)
+            if before is None
+            else bisect.bisect_right(self._order_keys, (before, 1 << 62))
+        )
+        return self._ordered[low:high]
 
     def validate_broadcast(self, body: Any) -> wire.BroadcastRequest:
         def find(ref: str) -> str | None:
@@ -499,7 +601,7 @@ class Sandbox:
             message = self._broadcast_message(record, contact, urn)
             if message is not None:
                 record.message_ids.append(message.id)
-                self.messages.append(message)
+                self.store_message(message)
         self.broadcasts.append(record)
         return record
 
@@ -529,9 +631,20 @@ class Sandbox:
             next(self._message_ids), str(uuid.uuid4()), broadcast.id, contact, urn, text, timeline
         )
 
-    def add_incoming_message(self, urn: str, text: str) -> MessageRecord:
-        """An incoming SMS handled by the CHT flow: listed with `direction: in`, `handled`."""
-        timeline = [(self.now(), "handled")]
+    def add_incoming_message(
+        self,
+        urn: str,
+        text: str,
+        *,
+        flow: Mapping[str, str] | None = INCOMING_FLOW,
+        handled: bool = True,
+        created_on: datetime | None = None,
+    ) -> MessageRecord:
+        """An incoming SMS: listed with `direction: in` once handled (by `flow`, or the inbox).
+
+        `created_on` (default: now) lets a test make one that RapidPro took long to handle.
+        """
+        now = created_on or self.now()
         message = MessageRecord(
             next(self._message_ids),
             str(uuid.uuid4()),
@@ -539,12 +652,92 @@ class Sandbox:
             self.contact_for(urn),
             urn,
             text,
-            timeline,
+            [(now, "handled")],
             "in",
-            INCOMING_FLOW,
+            dict(flow) if flow else None,
+            handled_on=now if handled else now + timedelta(days=36500),
         )
-        self.messages.append(message)
+        self.store_message(message)
         return message
+
+    def handle_incoming(self, message: MessageRecord, run_uuid: str | None = None) -> RunRecord:
+        """The flow has run for `message` (its webhook call over): it is listed from now, and
+        its run is written, as mailroom commits both at the end of the session."""
+        now = self.now()
+        message.handled_on = now
+        run = RunRecord(
+            id=next(self._run_ids),
+            uuid=run_uuid or str(uuid.uuid4()),
+            flow=dict(message.flow or INCOMING_FLOW),
+            contact=message.contact,
+            urn=message.urn,
+            created_on=now,
+            modified_on=now,
+            exited_on=now,
+        )
+        self.runs.append(run)
+        return run
+
+    def send_from_rapidpro(
+        self,
+        urns: Sequence[str],
+        text: str,
+        *,
+        flow: Mapping[str, str] | None = None,
+        broadcast: bool = False,
+        outcome: Sequence[str] | None = None,
+    ) -> list[MessageRecord]:
+        """Messages RapidPro sends itself, one per URN (created now, statuses as scripted):
+        a flow's replies or a campaign event (`flow`, no broadcast), or a broadcast made in
+        RapidPro's UI or by another API client (`broadcast=True`, listed in /broadcasts too)."""
+        now = self.now()
+        record: BroadcastRecord | None = None
+        if broadcast:
+            record = BroadcastRecord(
+                id=next(self._broadcast_ids),
+                uuid=str(uuid.uuid4()),
+                urns=list(urns),
+                contacts=[],
+                text={wire.DEFAULT_LANGUAGE: text},
+                base_language=wire.DEFAULT_LANGUAGE,
+                created_on=now,
+                messages_on=now,
+                recipients=len(urns),
+                message_ids=[],
+                body=None,
+            )
+            self.broadcasts.append(record)
+        made = []
+        for urn in urns:
+            steps = (
+                tuple(outcome)
+                if outcome is not None
+                else self.scripts.get(urn, self.config.default_outcome)
+            )
+            if steps is None:
+                continue  # scripted: no message for this URN
+            timeline = build_timeline(
+                now,
+                steps,
+                step=self.config.step_seconds,
+                backoff=self.config.retry_backoff_seconds,
+            )
+            message = MessageRecord(
+                next(self._message_ids),
+                str(uuid.uuid4()),
+                record.id if record else None,
+                self.contact_for(urn),
+                urn,
+                text,
+                timeline,
+                "out",
+                dict(flow) if flow else None,
+            )
+            if record is not None:
+                record.message_ids.append(message.id)
+            self.store_message(message)
+            made.append(message)
+        return made
 
     def visible(self, created_on: datetime, now: datetime) -> bool:
         """Whether a GET sees a row: created, past the replica lag, not yet archived."""
@@ -552,6 +745,10 @@ class Sandbox:
             return False
         days = self.config.retention_days
         return days is None or created_on >= now - timedelta(days=days)
+
+    def listed(self, message: MessageRecord, now: datetime) -> bool:
+        """`visible`, and not an incoming message still waiting for its flow (`P`)."""
+        return message.listed_at(now) and self.visible(message.created_on, now)
 
     # --- JSON ---
 
@@ -653,6 +850,23 @@ class Sandbox:
             "incoming": [o.as_json() for o in self.incoming],
         }
 
+    def run_json(self, run: RunRecord) -> dict[str, Any]:
+        """A run as `FlowRunReadSerializer` writes it (path and results left empty)."""
+        return {
+            "id": run.id,
+            "uuid": run.uuid,
+            "flow": dict(run.flow),
+            "contact": {**run.contact.ref(), "urn": run.urn},
+            "start": {"uuid": run.start} if run.start else None,
+            "responded": run.responded,
+            "path": [],
+            "values": {},
+            "created_on": wire.iso(run.created_on),
+            "modified_on": wire.iso(run.modified_on),
+            "exited_on": wire.iso(run.exited_on) if run.exited_on else None,
+            "exit_type": "completed" if run.exited_on else None,
+        }
+
     async def deliver_incoming(
         self,
         url: str,
@@ -661,19 +875,36 @@ class Sandbox:
         text: str,
         headers: Mapping[str, str] | None = None,
         run_uuid: str | None = None,
+        flow: Mapping[str, str] = INCOMING_FLOW,
+        body: str = "cht",
     ) -> IncomingOutcome:
         """Simulate the CHT flow's Call Webhook for an SMS from `from_` (spec §6), and record it.
 
-        The SMS is also listed in `/messages` (`direction: in`), as RapidPro would.
+        The SMS is created (not listed yet, `P`), the flow calls the webhook, and then the SMS
+        is listed (`direction: in`, `handled`, its `flow`) and its run written, as RapidPro
+        does whatever the webhook answered. `body` is the flow's: `cht` (CHT's documented body,
+        `id` = the run's uuid) or `message` (the extended body: `id` = the message's uuid, and
+        `sent_timestamp` = its `created_on`).
         """
-        self.add_incoming_message(f"tel:{from_}", text)
+        message = self.add_incoming_message(f"tel:{from_}", text, flow=flow, handled=False)
+        run_uuid = run_uuid or str(uuid.uuid4())
+        if body == "message":
+            payload = {
+                "content": text,
+                "from": from_,
+                "id": message.uuid,
+                "sent_timestamp": wire.iso(message.created_on),
+            }
+        else:
+            payload = {"content": text, "from": from_, "id": run_uuid}
         outcome = await call_webhook(
             url,
-            body={"content": text, "from": from_, "id": run_uuid or str(uuid.uuid4())},
+            body=payload,
             headers=headers or {},
             dialect=self.config.dialect,
             timeout_s=self.config.webhook_timeout,
         )
+        self.handle_incoming(message, run_uuid)
         self.incoming.append(outcome)
         return outcome
 
