@@ -89,6 +89,7 @@ async def test_check_with_a_wrong_password_costs_one_failed_login(
         "couch.db",
         "cht.credential.rapidpro:outgoing",
         "cht.credential.rapidpro:incoming",
+        "rapidpro.log",
     }
 
 
