@@ -218,7 +218,7 @@ async def run_virtual(
     settings = Settings.from_env(
         {
             "COUCH_URL": couch_admin.couch_url,
-            "CHT_RAPIDPRO_PORT": "0",
+            "CHT_RAPIDPRO_PORT": "1",  # not listened on: the follower alone runs
             "CHT_RAPIDPRO_INSTANCE": "bench-virtual",
             "CHT_RAPIDPRO_POLL_INTERVAL": str(poll_s),
             "CHT_RAPIDPRO_MESSAGES_PER_HOUR": str(messages_per_hour),
