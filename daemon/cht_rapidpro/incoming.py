@@ -77,12 +77,16 @@ def reused_id_doc_id(message: dict[str, Any]) -> str:
     return f"{doc_id_for(message['id'])}~{hashlib.sha256(identity).hexdigest()[:32]}"
 
 
-def same_message(doc: dict[str, Any], message: dict[str, Any]) -> bool:
-    """Whether a stored report (ours or CHT's) holds this message: same sender, same text."""
+def same_message(doc: dict[str, Any], message: dict[str, Any], *, sender: bool = True) -> bool:
+    """Whether a stored report (ours or CHT's) holds this message: same sender, same text.
+
+    `sender=False` compares the text only, for a caller whose `from` may be written otherwise
+    than the flow's body wrote it (recovery: CHT's body sends the contact's first number).
+    """
     sms = doc.get("sms_message")
     return (
         isinstance(sms, dict)
-        and sms.get("from") == message["from"]
+        and (not sender or sms.get("from") == message["from"])
         and sms.get("message") == message["content"]
     )
 
@@ -129,6 +133,7 @@ class IncomingStore:
         *,
         now_ms: int | None = None,
         check_cht: bool = True,
+        match_sender: bool = True,
         on_doc_id: Callable[[str], None] = lambda _doc_id: None,
     ) -> Stored:
         """Store `{id, from, content}` (the webhook body) unless a report of it exists: under
@@ -136,7 +141,9 @@ class IncomingStore:
         `reused_id_doc_id` (see the module docstring).
 
         `now_ms` is the report's `reported_date` (default: now, as CHT). `check_cht=False`
-        skips asking CHT's view (the caller did, for many at once). `on_doc_id` hears each
+        skips asking CHT's view (the caller did, for many at once). `match_sender=False`: a
+        report under the id with the same text is this message whatever its `from` (see
+        `same_message`). `on_doc_id` hears each
         `_id` tried, so a caller cut short still knows which one it got to.
 
         Raises:
@@ -154,7 +161,7 @@ class IncomingStore:
             # Refused as a conflict, yet not readable: a cluster copy behind the one that
             # refused it, or a delete in between. Retrying will tell.
             raise RetryableError(f"write {first}: conflict, but no document to compare")
-        if same_message(existing, message):
+        if same_message(existing, message, sender=match_sender):
             return Stored("duplicate", first)
         second = reused_id_doc_id(message)
         on_doc_id(second)

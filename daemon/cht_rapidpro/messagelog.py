@@ -943,7 +943,10 @@ class MessageLog:
         # Checked above for all of them at once: CHT's view is not asked again per SMS.
         outcomes = await asyncio.gather(
             *(
-                self._store.store(message, now_ms=reported_ms(row), check_cht=False)
+                # The text decides: the webhook's `from` may be the contact's first number.
+                self._store.store(
+                    message, now_ms=reported_ms(row), check_cht=False, match_sender=False
+                )
                 for row, _, message in stores
             ),
             return_exceptions=True,

@@ -354,6 +354,25 @@ async def test_webhook_and_recovery_racing_on_the_same_sms_store_one_report(
     assert len(stored) == 20
 
 
+async def test_recovery_recognises_the_webhooks_report_sent_from_the_contacts_first_number(
+    cht: CouchAdmin, daemon_factory: Any
+) -> None:
+    # CHT's flow body sends `urns.tel` (the contact's first number); recovery knows the number
+    # the SMS came from. Landing on the webhook's report, the text decides: one report.
+    daemon = await daemon_factory(CHT_RAPIDPRO_INSTANCE="r")
+    store = daemon.gateway.incoming
+    webhook = {"id": str(uuid.uuid4()), "from": "+254700600001", "content": "VISIT 7"}
+    assert (await store.store(dict(webhook))).outcome == "saved"
+    recovered = {**webhook, "from": "+254700600002"}
+    again = await store.store(dict(recovered), check_cht=False, match_sender=False)
+    assert again.outcome == "duplicate"
+    assert len(await reports(cht)) == 1
+    # The webhook itself keeps comparing the sender: another number under the id is another SMS.
+    other = await store.store(dict(recovered))
+    assert other.outcome == "saved" and other.doc_id != again.doc_id
+    assert len(await reports(cht)) == 2
+
+
 async def test_recovery_skips_what_the_webhook_stored_and_other_flows(
     cht: CouchAdmin, rapidpro: Any, daemon_factory: Any
 ) -> None:
