@@ -893,7 +893,8 @@ class OutgoingSender:
                     changed |= _apply_result(task, message.result)
             return changed
 
-        await self._update(job.doc, apply, what="write_back", siblings=job.hold.siblings)
+        # Nothing waits for it: it rides along with the next claims (BulkWriter's lazy writes).
+        await self._update(job.doc, apply, what="write_back", siblings=job.hold.siblings, lazy=True)
 
     async def _update(
         self,
@@ -902,6 +903,7 @@ class OutgoingSender:
         *,
         what: str,
         siblings: bool = False,
+        lazy: bool = False,
     ) -> JsonDict | None:
         """Apply `change` to `doc` and write it; on conflict re-read and re-apply.
 
@@ -921,7 +923,7 @@ class OutgoingSender:
             if not change(current):
                 return None
             try:
-                result = await self._writer.write(current)
+                result = await self._writer.write(current, lazy=lazy)
             except RetryableError as exc:
                 # CouchDB is unreachable: keep the result in memory and keep trying. If we
                 # are stopped first, the claim stays and the next start reconciles it.

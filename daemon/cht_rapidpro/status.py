@@ -103,7 +103,9 @@ class StatusWriter:
                     writes.append((changed, count))
                 else:
                     self._index.update_doc(doc, now)
-            results = await asyncio.gather(*(self._writer.write(doc) for doc, _ in writes))
+            results = await asyncio.gather(
+                *(self._writer.write(doc, lazy=True) for doc, _ in writes)
+            )
             retry: list[str] = []
             for (doc, count), result in zip(writes, results, strict=True):
                 if result.ok:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from cht_rapidpro.config import parse_couch_url
-from cht_rapidpro.couch.client import CouchClient
+from cht_rapidpro.couch.client import BulkWriter, CouchClient
 from support import CouchAdmin
 
 BY_STATE = "function(doc) { if (doc.state) { emit(doc.state, null); } }"
@@ -94,3 +96,26 @@ async def test_leaves_and_conflicts(couch: CouchAdmin, client: CouchClient) -> N
     read = await client.get("c", conflicts=True)
     assert read is not None and len(read["_conflicts"]) == 1
     assert await client.leaves("missing") == []
+
+
+async def test_lazy_writes_ride_along_with_the_next_urgent_one(client: CouchClient) -> None:
+    writer = BulkWriter(client, lazy_s=5.0)
+    lazy = asyncio.ensure_future(writer.write({"_id": "lazy-1", "n": 1}, lazy=True))
+    await asyncio.sleep(0.2)
+    assert not lazy.done() and writer.requests == 0  # no request of its own yet
+    urgent = await writer.write({"_id": "urgent-1", "n": 2})
+    assert urgent.ok and (await lazy).ok
+    assert writer.requests == 1  # one request carried both
+
+
+async def test_a_lone_lazy_write_goes_when_it_has_waited_lazy_s(client: CouchClient) -> None:
+    writer = BulkWriter(client, lazy_s=0.3)
+    started = time.monotonic()
+    results = await asyncio.gather(
+        writer.write({"_id": "lazy-a"}, lazy=True), writer.write({"_id": "lazy-b"}, lazy=True)
+    )
+    assert all(r.ok for r in results)
+    assert time.monotonic() - started >= 0.3
+    assert writer.requests == 1
+    assert (await writer.write({"_id": "urgent-a"})).ok  # an urgent write never waits
+    assert writer.requests == 2

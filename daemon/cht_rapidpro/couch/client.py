@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -669,6 +670,14 @@ class CouchClient:
 BURST_FROM = 8
 
 
+@dataclass(slots=True)
+class _Queued:
+    doc: JsonDict
+    future: asyncio.Future[WriteResult]
+    lazy: bool
+    at: float  # monotonic time it was queued
+
+
 class BulkWriter:
     """Group commit for `_bulk_docs`: concurrent writers share one request.
 
@@ -678,6 +687,11 @@ class BulkWriter:
     one waits `linger_s` more to grow: CouchDB 3 spends about 15 ms of CPU on a `_bulk_docs`
     request whatever it carries (bench/RESULTS.md), so fewer, bigger requests leave it more
     for the documents. A lone write never waits.
+
+    A *lazy* write (`lazy=True`: one no message waits for, such as a write-back after the
+    POST or a status update) does not start a request of its own for up to `lazy_s`: it
+    rides along with the next urgent write (a claim, an incoming report), or goes when it has
+    waited that long.
     """
 
     def __init__(
@@ -686,64 +700,92 @@ class BulkWriter:
         *,
         max_batch: int = 500,
         linger_s: float = 0.01,
+        lazy_s: float = 0.1,
         on_request: Callable[[int], None] | None = None,
     ) -> None:
         self._client = client
         self._max_batch = max_batch
         self._linger_s = linger_s
+        self._lazy_s = lazy_s
         self._last_batch = 0
-        self._queue: list[tuple[JsonDict, asyncio.Future[WriteResult]]] = []
+        self._queue: list[_Queued] = []
+        self._urgent = 0  # urgent writes in the queue
         self._flushing = False
+        self._timer: asyncio.TimerHandle | None = None
         self._on_request = on_request  # documents in each request (metrics)
         self.requests = 0  # bulk requests made (for tests and benchmarks)
 
-    async def write(self, doc: JsonDict) -> WriteResult:
-        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        self._queue.append((doc, future))
+    async def write(self, doc: JsonDict, *, lazy: bool = False) -> WriteResult:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[WriteResult] = loop.create_future()
+        self._queue.append(_Queued(doc, future, lazy, time.monotonic()))
+        if not lazy:
+            self._urgent += 1
+            self._kick()
+        elif not self._flushing and self._timer is None:
+            self._timer = loop.call_later(self._lazy_s, self._kick)
+        return await future
+
+    def _kick(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._start_flush)
-        return await future
 
     def _start_flush(self) -> None:
         task = asyncio.get_running_loop().create_task(self._flush(), name="bulk-writer")
         task.add_done_callback(_retrieve)
 
+    def _due(self) -> bool:
+        """Whether to send now: an urgent write waits, or the oldest lazy one is due."""
+        return bool(self._queue) and (
+            self._urgent > 0 or time.monotonic() - self._queue[0].at >= self._lazy_s
+        )
+
     async def _flush(self) -> None:
         try:
-            while self._queue:
+            while self._due():
                 if self._linger_s > 0 and self._last_batch >= BURST_FROM:
                     await asyncio.sleep(self._linger_s)
                 batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
                 # Two writes of one doc can't share a request: the second would conflict
                 # with the first. Keep the first and push the rest to the next round.
                 seen: set[str] = set()
-                now: list[Any] = []
-                later: list[Any] = []
+                now: list[_Queued] = []
+                later: list[_Queued] = []
                 for item in batch:
-                    (later if item[0]["_id"] in seen else now).append(item)
-                    seen.add(item[0]["_id"])
+                    (later if item.doc["_id"] in seen else now).append(item)
+                    seen.add(item.doc["_id"])
                 self._queue = later + self._queue
+                self._urgent -= sum(1 for item in now if not item.lazy)
                 self._last_batch = len(now)
                 self.requests += 1
                 if self._on_request is not None:
                     self._on_request(len(now))
                 try:
-                    rows = await self._client.bulk_write([doc for doc, _ in now])
+                    rows = await self._client.bulk_write([item.doc for item in now])
                 except BaseException as exc:
-                    for _, future in now:
-                        if not future.done():
-                            future.set_exception(exc)
+                    for item in now:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
                     if not isinstance(exc, Exception):
                         raise
                     continue
                 by_id = {row.id: row for row in rows}
-                for doc, future in now:
-                    row = by_id.get(doc["_id"]) or WriteResult(doc["_id"], None, "missing_row")
-                    if not future.done():
-                        future.set_result(row)
+                for item in now:
+                    row = by_id.get(item.doc["_id"]) or WriteResult(
+                        item.doc["_id"], None, "missing_row"
+                    )
+                    if not item.future.done():
+                        item.future.set_result(row)
         finally:
             self._flushing = False
+            if self._queue and self._timer is None:
+                # Lazy writes left: they go when the oldest is due (or with an urgent one).
+                wait = self._queue[0].at + self._lazy_s - time.monotonic()
+                self._timer = asyncio.get_running_loop().call_later(max(0.0, wait), self._kick)
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
