@@ -244,29 +244,19 @@ MESSAGES_BY_GATEWAY_REF = """function(doc) {
 }"""
 
 
-async def test_message_stored_by_cht_itself_is_a_duplicate(couch: CouchAdmin, webhook: Any) -> None:
+async def install_ref_view(couch: CouchAdmin) -> None:
+    """CHT's `medic-sms/messages_by_gateway_ref`, as far as the webhook reads it."""
     await couch.put(
         {
             "_id": "_design/medic-sms",
             "views": {"messages_by_gateway_ref": {"map": MESSAGES_BY_GATEWAY_REF}},
         }
     )
-    await couch.put(
-        {
-            "type": "data_record",
-            "from": "+50689999999",
-            "errors": [],
-            "tasks": [],
-            "fields": {},
-            "reported_date": 1,
-            "sms_message": {
-                "type": "sms_message",
-                "message": "hi",
-                "from": "+50689999999",
-                "gateway_ref": "cht-stored",
-            },
-        }
-    )
+
+
+async def test_message_stored_by_cht_itself_is_a_duplicate(couch: CouchAdmin, webhook: Any) -> None:
+    await install_ref_view(couch)
+    await couch.put(cht_stored_report("cht-stored", "hi"))
     body = {"id": "cht-stored", "from": "+50689999999", "content": "hi"}
     assert await post(webhook.url + V2, body, headers=AUTH) == (
         200,
@@ -442,12 +432,7 @@ async def test_concurrent_calls_under_one_id_store_each_message_once(
 async def test_an_id_cht_stored_is_a_duplicate_only_for_the_same_message(
     couch: CouchAdmin, webhook: Any
 ) -> None:
-    await couch.put(
-        {
-            "_id": "_design/medic-sms",
-            "views": {"messages_by_gateway_ref": {"map": MESSAGES_BY_GATEWAY_REF}},
-        }
-    )
+    await install_ref_view(couch)
     await couch.put(cht_stored_report("cht-run", "hi"))
     same = {"id": "cht-run", "from": "+50689999999", "content": "hi"}
     assert await post(webhook.url + V2, same, headers=AUTH) == (
