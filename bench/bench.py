@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import json
 import os
 import pstats
 import signal
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -341,6 +343,62 @@ async def doc_states(couch: CouchAdmin, ids: list[str]) -> dict[str, str | None]
     return states
 
 
+class WriteWatch:
+    """When each document reached a revision generation: follows `_changes` without documents
+    (the cheapest read a server has, about 0.05 ms a row on CouchDB 3), so that the benchmark
+    learns when the daemon's last write-back landed without reading every document again (an
+    `_all_docs?include_docs` read of 5,000 of them costs CouchDB 3 about 2.5 s, which would
+    be counted as the daemon's). What it reports is checked afterwards by reading every
+    document's state (`confirm_sent`)."""
+
+    PAUSE_S = 0.05  # between requests, so that a busy feed comes in pages, not one by one
+
+    def __init__(self, couch: CouchAdmin, ids: list[str], generation: int) -> None:
+        self._couch = couch
+        self._waiting = set(ids)
+        self._generation = generation
+        self.last_seen: float | None = None  # when the last awaited doc was seen there
+        self.requests = 0
+        self._done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        body = await self._couch.request("GET", f"/{self._couch.db}/_changes?descending=true&limit=1")
+        self._task = asyncio.create_task(self._follow(body.get("last_seq")))
+
+    async def _follow(self, since: Any) -> None:
+        while self._waiting:
+            query = urlencode(
+                {"since": since if isinstance(since, str) else json.dumps(since), "limit": 10000,
+                 "feed": "longpoll", "timeout": 10000, "style": "main_only"}
+            )
+            body = await self._couch.request("GET", f"/{self._couch.db}/_changes?{query}")
+            self.requests += 1
+            now = time.perf_counter()
+            for row in body.get("results") or []:
+                rev = str((row.get("changes") or [{}])[0].get("rev", "0-"))
+                if row.get("id") in self._waiting and int(rev.split("-", 1)[0]) >= self._generation:
+                    self._waiting.discard(row["id"])
+                    self.last_seen = now
+            since = body.get("last_seq", since)
+            await asyncio.sleep(self.PAUSE_S)
+        self._done.set()
+
+    async def wait(self, within: float) -> float | None:
+        """When every document was seen at the generation (None: not within `within`)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._done.wait()
+                return self.last_seen
+        return None
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
 async def confirm_sent(couch: CouchAdmin, ids: list[str], within: float = 120.0) -> int:
     """Wait until every doc's task is past `forwarded-to-gateway`; returns the reads made."""
     remaining = list(ids)
@@ -422,6 +480,9 @@ async def bench_latency(ctx: Context) -> Result:
 
 # --- 2. throughput -------------------------------------------------------------------------------
 
+#: Passes of the server ceiling; the fastest counts.
+CEILING_PASSES = 3
+
 
 async def bench_throughput(ctx: Context) -> Result:
     n = ctx.sizes.throughput_messages
@@ -438,6 +499,10 @@ async def bench_throughput(ctx: Context) -> Result:
                 for i in range(n)
             ]
             ids = [doc["_id"] for doc in docs]
+            # Generation 3: inserted, claimed, written back (a claim written again on a
+            # cluster makes it later; then the reads below decide).
+            watch = WriteWatch(couch, ids, generation=3)
+            await watch.start()
             meter = ctx.meter(daemon)
             started = time.perf_counter()
             rows = await couch.bulk(docs)
@@ -452,34 +517,43 @@ async def bench_throughput(ctx: Context) -> Result:
                 lambda: rapidpro.probe.count,
             )
             first_post = rapidpro.probe.arrivals[0]
-            reads = await confirm_sent(couch, ids)
-            confirmed = time.perf_counter()
+            seen = await watch.wait(within=30.0)
+            await watch.stop()
             meter.stop()
+            reads = await confirm_sent(couch, ids)
+            # The watch's time counts only if the first read found every doc written back;
+            # otherwise the read that did.
+            confirmed = seen if seen is not None and reads == 1 else time.perf_counter()
             sent = daemon.events("message_sent")
             metrics = await daemon_metrics(daemon)
         finally:
             await daemon.stop()
         try:
-            # The server's own ceiling on the same docs, with the daemon stopped.
+            # The server's own ceiling on the same docs, with the daemon stopped: the best of
+            # CEILING_PASSES passes (a ceiling is what the server can do; a pass slowed by
+            # the machine, a compaction or a slow fsync says less about it).
             ceiling_cpu = ctx.server_cpu()
-            ceiling_started = time.perf_counter()
-            for start in range(0, n, batch):
-                chunk = ids[start : start + batch]
-                body = await couch.request(
-                    "POST", f"/{couch.db}/_all_docs?include_docs=true", {"keys": chunk}
-                )
-                updated = []
-                for row in body["rows"]:
-                    doc = row["doc"]
-                    task = doc["tasks"][0]
-                    task["state"] = "sent"
-                    task["state_history"].append({"state": "sent", "timestamp": "now"})
-                    updated.append(doc)
-                answers = await couch.bulk(updated)
-                if any("error" in row for row in answers):
-                    raise RuntimeError("the ceiling's _bulk_docs was refused in part")
-            ceiling_s = time.perf_counter() - ceiling_started
-            ceiling_cpu = ctx.server_cpu() - ceiling_cpu
+            passes: list[float] = []
+            for _ in range(CEILING_PASSES):
+                pass_started = time.perf_counter()
+                for start in range(0, n, batch):
+                    chunk = ids[start : start + batch]
+                    body = await couch.request(
+                        "POST", f"/{couch.db}/_all_docs?include_docs=true", {"keys": chunk}
+                    )
+                    updated = []
+                    for row in body["rows"]:
+                        doc = row["doc"]
+                        task = doc["tasks"][0]
+                        task["state"] = "sent"
+                        task["state_history"].append({"state": "sent", "timestamp": "now"})
+                        updated.append(doc)
+                    answers = await couch.bulk(updated)
+                    if any("error" in row for row in answers):
+                        raise RuntimeError("the ceiling's _bulk_docs was refused in part")
+                passes.append(time.perf_counter() - pass_started)
+            ceiling_s = min(passes)
+            ceiling_cpu = (ctx.server_cpu() - ceiling_cpu) / len(passes)
             # What one request costs the server, whatever it carries: single-doc GETs.
             gets = ids[: min(200, n)]
             get_cpu, get_started = ctx.server_cpu(), time.perf_counter()
@@ -492,7 +566,10 @@ async def bench_throughput(ctx: Context) -> Result:
         handling = rapidpro.probe.handling
     requests = await couch_requests(ctx.backend, couch)
     total_s = confirmed - started
-    daemon_rate = n / total_s
+    # The daemon can do nothing before the insert is committed; the ceiling's documents
+    # exist before its clock starts: both clocks run from "the documents are there".
+    daemon_s = confirmed - written
+    daemon_rate = n / daemon_s
     ceiling = n / ceiling_s
     ratio = daemon_rate / ceiling
     result.rows = [
@@ -503,13 +580,18 @@ async def bench_throughput(ctx: Context) -> Result:
     result.details = [
         f"- {n:,} docs, each with one pending task, written with one `_bulk_docs` request "
         f"({ms(written - started)}, i.e. {rate(n / (written - started), ' docs/s')} inserted). "
-        "The clock starts before that request.",
-        f"- First broadcast POST after {ms(first_post - started)}; the {n:,}th after "
-        f"{last_post - started:.2f} s ({rate(n / (last_post - started))} as POSTs); all confirmed "
-        f"in CouchDB (`received-by-gateway` or later) after {total_s:.2f} s "
-        f"({reads} confirming reads).",
+        "The daemon's clock starts when that request is answered (before, the daemon cannot "
+        "see any of them; the ceiling's documents, likewise, exist before its clock starts).",
+        f"- First broadcast POST after {ms(first_post - written)}; the {n:,}th after "
+        f"{last_post - written:.2f} s ({rate(n / (last_post - written))} as POSTs); all "
+        f"written back in CouchDB (`received-by-gateway` or later) after {daemon_s:.2f} s: "
+        f"seen on `_changes` without documents ({watch.requests} requests by the benchmark "
+        f"while the daemon worked), then confirmed by reading every document's state "
+        f"({reads} read{'s' if reads != 1 else ''}). Counted from before the insert "
+        f"instead: {total_s:.2f} s, {rate(n / total_s)}.",
         f"- Server ceiling: read {batch} docs (`_all_docs?include_docs`, keys), change the task "
-        f"state, write them back with `_bulk_docs`, sequentially: {ceiling_s:.2f} s for {n:,}. "
+        f"state, write them back with `_bulk_docs`, sequentially: {ceiling_s:.2f} s for {n:,}, "
+        f"the best of {len(passes)} passes ({', '.join(f'{p:.2f}' for p in passes)} s). "
         "Note that the daemon must write each document twice (claim, then write-back) and "
         "reads each revision back from the feed, so ≈ 0.5 is what the design allows at best "
         "when CouchDB is the limit.",
