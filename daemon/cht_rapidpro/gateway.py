@@ -250,6 +250,8 @@ class Gateway:
             retry_initial_s=settings.retry_initial_s,
             retry_max_s=settings.retry_max_s,
             metrics=metrics,
+            own_revision=self.sender.is_own_revision,
+            writer=self.writer,
         )
         self.stop_event = asyncio.Event()
         self.started = asyncio.Event()  # settings, credentials and checkpoint loaded
@@ -257,9 +259,11 @@ class Gateway:
         self._tasks: dict[str, asyncio.Task[Any]] = {}
 
     def _written_back(self, doc: JsonDict) -> None:
-        """A write-back of the sender's: the indexes learn it before the feed brings it."""
+        """A write-back of the sender's: the indexes learn it before the feed brings it (a
+        lean page of the feed does not bring it at all)."""
         self.index.update_doc(doc, time.time())
         self.own.update_doc(doc, self.cht.app_settings)
+        self.backlog.update_doc(doc)
 
     def _count_write(self, docs: int) -> None:
         self.metrics.couch_write_requests.inc()

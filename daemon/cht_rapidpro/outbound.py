@@ -74,7 +74,7 @@ Release = Callable[[], None]
 MAX_WRITE_ROUNDS = 8
 #: Claims held but not yet posted, per send slot (claims no further ahead than sending; a
 #: crash strands at most this many per slot, and they wait SEND_TIMEOUT after the restart).
-CLAIMS_PER_SLOT = 4
+CLAIMS_PER_SLOT = 16
 #: Looks at an `accepted` write-back before it is written again (it may sit on one copy).
 VERIFY_DELAYS = (0.1, 0.5, 2.0)
 #: Pause after RapidPro refuses our token or URL, unless the configuration changes first.
@@ -348,7 +348,7 @@ class OutgoingSender:
             self._metrics.bad_documents.inc()
             self._log.warning("task_skipped", doc_id=doc_id, task=ref.key, problem=problem)
 
-        if self._outdated(doc_id, doc.get("_rev")) and not ConflictResolver.conflicted(doc):
+        if self.is_own_revision(doc_id, doc.get("_rev")) and not ConflictResolver.conflicted(doc):
             return False  # a revision before our own last write: nothing new in it
         # A newer revision is here: a look scheduled for later (a peer's claim expiring)
         # is planned again from it, or is not needed any more.
@@ -416,13 +416,14 @@ class OutgoingSender:
         if len(self._written) > WRITTEN_MEMORY:
             self._written.popitem(last=False)
 
-    def _outdated(self, doc_id: str, rev: Any) -> bool:
+    def is_own_revision(self, doc_id: str, rev: Any) -> bool:
         """Whether `rev` is one of the revisions this process wrote itself lately.
 
         The feed shows our own writes back to us (a claim, then its write-back): acting on
-        them would only cost a conflicting write and a re-read. Revisions are matched
-        exactly: on a cluster another writer's revision can be of the same generation as
-        ours (a sibling branch), and it must not be skipped.
+        them would only cost a conflicting write and a re-read, and whoever else reads the
+        feed learnt of them when they were written (the tracked index, the backlog). Revisions
+        are matched exactly: on a cluster another writer's revision can be of the same
+        generation as ours (a sibling branch), and it must not be skipped.
         """
         return isinstance(rev, str) and rev in self._written.get(doc_id, ())
 

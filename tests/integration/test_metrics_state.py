@@ -102,3 +102,30 @@ async def test_sending_paused_while_rapidpro_refuses_the_token(
         what="sending resumed",
     )
     assert resumed["chtrp_healthy"] == 1
+
+
+async def test_backlog_empties_after_a_burst_read_on_lean_pages(
+    couch: CouchAdmin, rapidpro: Any, daemon_factory: Any
+) -> None:
+    """In a burst the feed skips the daemon's own write-backs (lean pages): the backlog
+    learns of them when they are written, so the gauge still comes back to 0."""
+    await couch.put_settings(**rapidpro_settings(rapidpro.url))
+    await couch.put_vault_credential("rapidpro:outgoing", DEFAULT_TOKEN)
+    daemon = await daemon_factory()
+    await eventually(lambda: gauges(daemon), lambda g: g.get("chtrp_healthy") == 1,
+                     what="the daemon up")  # fmt: skip
+    docs = [message_doc([task(f"+2547004{n:05d}", f"burst {n}")]) for n in range(400)]
+    await couch.bulk(docs)
+
+    async def sent() -> int:
+        return sum(1 for d in await couch.all_docs() if d.get("tasks")
+                   and d["tasks"][0]["state"] in ACCEPTED)  # fmt: skip
+
+    await eventually(sent, lambda n: n == len(docs), within=60, what="the burst sent")
+    after = await eventually(
+        lambda: gauges(daemon),
+        lambda g: g.get("chtrp_unsent_messages") == 0,
+        what="the backlog emptied",
+    )
+    assert after["chtrp_oldest_unsent_age_seconds"] == 0
+    assert daemon.gateway.follower.lean_pages > 0  # the write-backs came on lean pages

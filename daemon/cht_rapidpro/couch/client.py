@@ -13,7 +13,7 @@ import contextlib
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,6 +337,24 @@ class CouchClient:
                 if doc.exists:
                     found[doc.id] = dict(doc._data)
         return found
+
+    async def current_docs(self, doc_ids: Sequence[str]) -> dict[str, JsonDict]:
+        """The current revision of each existing document among `doc_ids`, with `_conflicts`
+        where the copies read know of conflicting branches (one `_all_docs` request)."""
+        if not doc_ids:
+            return {}
+        body = await self._request_json(
+            "POST",
+            self._url(self.target.db, "_all_docs"),
+            "get docs",
+            params={"include_docs": "true", "conflicts": "true"},
+            body={"keys": list(doc_ids)},
+        )
+        return {
+            row["id"]: row["doc"]
+            for row in body.get("rows", [])
+            if isinstance(row.get("doc"), dict) and isinstance(row.get("id"), str)
+        }
 
     async def leaves(self, doc_id: str) -> list[Leaf]:
         """Every leaf revision of a document, deleted ones included (`open_revs=all`).
@@ -668,6 +686,8 @@ class CouchClient:
 
 #: A request of at least this many documents means a burst is under way.
 BURST_FROM = 8
+#: Event-loop turns for a write's answer to reach the code that wrote it (`BulkWriter.settle`).
+SETTLE_TURNS = 4
 
 
 @dataclass(slots=True)
@@ -699,7 +719,7 @@ class BulkWriter:
         client: CouchClient,
         *,
         max_batch: int = 500,
-        linger_s: float = 0.01,
+        linger_s: float = 0.03,
         lazy_s: float = 0.1,
         on_request: Callable[[int], None] | None = None,
     ) -> None:
@@ -708,12 +728,16 @@ class BulkWriter:
         self._linger_s = linger_s
         self._lazy_s = lazy_s
         self._last_batch = 0
+        self._last_start = 0.0  # monotonic time the last request started
         self._queue: list[_Queued] = []
         self._urgent = 0  # urgent writes in the queue
         self._flushing = False
         self._timer: asyncio.TimerHandle | None = None
         self._on_request = on_request  # documents in each request (metrics)
         self.requests = 0  # bulk requests made (for tests and benchmarks)
+        self._in_flight: frozenset[str] = frozenset()  # ids in the request under way
+        self._landed = asyncio.Event()  # set while no request is under way
+        self._landed.set()
 
     async def write(self, doc: JsonDict, *, lazy: bool = False) -> WriteResult:
         loop = asyncio.get_running_loop()
@@ -725,6 +749,22 @@ class BulkWriter:
         elif not self._flushing and self._timer is None:
             self._timer = loop.call_later(self._lazy_s, self._kick)
         return await future
+
+    def writing(self, doc_id: str) -> bool:
+        """Whether a write of `doc_id` is in the request under way."""
+        return doc_id in self._in_flight
+
+    async def settle(self, doc_ids: Iterable[str]) -> bool:
+        """Wait until no write of these documents is under way and its writers have heard
+        the answer (the changes feed can show a revision before its writer's request is
+        answered). Returns whether there was one to wait for."""
+        if self._in_flight.isdisjoint(doc_ids):
+            return False
+        await self._landed.wait()
+        # The answer reaches each writer through a future, then a gather: a few loop turns.
+        for _ in range(SETTLE_TURNS):
+            await asyncio.sleep(0)
+        return True
 
     def _kick(self) -> None:
         if self._timer is not None:
@@ -748,7 +788,11 @@ class BulkWriter:
         try:
             while self._due():
                 if self._linger_s > 0 and self._last_batch >= BURST_FROM:
-                    await asyncio.sleep(self._linger_s)
+                    # Requests start at most every `linger_s`: after a long one, whatever
+                    # came meanwhile goes at once.
+                    wait = self._last_start + self._linger_s - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
                 # Two writes of one doc can't share a request: the second would conflict
                 # with the first. Keep the first and push the rest to the next round.
@@ -764,6 +808,9 @@ class BulkWriter:
                 self.requests += 1
                 if self._on_request is not None:
                     self._on_request(len(now))
+                self._last_start = time.monotonic()
+                self._in_flight = frozenset(item.doc["_id"] for item in now)
+                self._landed.clear()
                 try:
                     rows = await self._client.bulk_write([item.doc for item in now])
                 except BaseException as exc:
@@ -773,6 +820,9 @@ class BulkWriter:
                     if not isinstance(exc, Exception):
                         raise
                     continue
+                finally:
+                    self._in_flight = frozenset()
+                    self._landed.set()
                 by_id = {row.id: row for row in rows}
                 for item in now:
                     row = by_id.get(item.doc["_id"]) or WriteResult(

@@ -1,0 +1,152 @@
+"""Lean pages of the changes feed, against the real test server.
+
+After a page that was mostly the daemon's own writes coming back, the next page is read
+without documents: rows whose only leaf is a revision of ours are dropped, every other row
+gets its document (with `_conflicts`) from one `_all_docs` read. See `couch/changes.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from cht_rapidpro.config import parse_couch_url
+from cht_rapidpro.couch.changes import BURST_ROWS, ChangesFollower
+from cht_rapidpro.couch.client import BulkWriter, ChangesPage, CouchClient, JsonDict
+from cht_rapidpro.metrics import Metrics
+from support import CouchAdmin
+
+
+@pytest.fixture
+async def client(couch: CouchAdmin) -> AsyncIterator[CouchClient]:
+    couch_client = CouchClient.connect(parse_couch_url(couch.couch_url), timeout_s=10)
+    yield couch_client
+    await couch_client.close()
+
+
+class Ours:
+    """The revisions this "daemon" wrote, as the sender remembers them."""
+
+    def __init__(self, writer: BulkWriter) -> None:
+        self.writer = writer
+        self.revs: set[tuple[str, str]] = set()
+
+    def __call__(self, doc_id: str, rev: str) -> bool:
+        return (doc_id, rev) in self.revs
+
+    async def write(self, docs: list[JsonDict]) -> None:
+        results = await asyncio.gather(*(self.writer.write(doc) for doc in docs))
+        for result in results:
+            assert result.ok and result.rev is not None
+            self.revs.add((result.id, result.rev))
+
+
+def follower(client: CouchClient, ours: Ours) -> ChangesFollower:
+    return ChangesFollower(
+        client,
+        lambda row, page: None,
+        checkpoint_id="lean-test",
+        batch=100,
+        heartbeat_s=0.5,
+        checkpoint_interval_s=60,
+        retry_initial_s=0.1,
+        retry_max_s=1,
+        metrics=Metrics(),
+        own_revision=ours,
+        writer=ours.writer,
+    )
+
+
+def by_id(page: ChangesPage) -> dict[str, JsonDict]:
+    return {row["id"]: row for row in page.results}
+
+
+async def test_own_writes_make_the_next_page_lean_and_others_come_with_documents(
+    couch: CouchAdmin, client: CouchClient
+) -> None:
+    ours = Ours(BulkWriter(client))
+    feed = follower(client, ours)
+    docs = [{"_id": f"own-{n:02d}", "n": n} for n in range(20)]
+    await ours.write(docs)
+
+    first = await feed.read_page()  # read with documents: every row is ours
+    assert len(first.results) == 20 and all("doc" in row for row in first.results)
+    assert feed.lean_pages == 0
+    feed.since = first.last_seq
+
+    # Next: 15 more writes of ours, 3 documents of someone else, a deletion by someone else,
+    # and a document whose winning revision is ours but which has a conflicting branch.
+    await ours.write([dict(doc, n=doc["n"] + 100) for doc in docs[:15]])
+    await couch.bulk([{"_id": f"theirs-{n}", "n": n} for n in range(3)])
+    gone = await couch.get("own-19")
+    assert gone is not None
+    await couch.request("DELETE", f"/{couch.db}/own-19?rev={gone['_rev']}")
+    base = await couch.put({"_id": "split", "v": 1})
+    await ours.write([dict(base, v=2)])
+    sibling = {
+        "_id": "split",
+        "_rev": "2-" + "0" * 32,  # sorts below ours: ours wins, theirs is the conflict
+        "v": 3,
+        "_revisions": {"start": 2, "ids": ["0" * 32, base["_rev"].split("-")[1]]},
+    }
+    await couch.request("POST", f"/{couch.db}/_bulk_docs", {"docs": [sibling], "new_edits": False})
+
+    second = await feed.read_page()
+    rows = by_id(second)
+    assert feed.lean_pages == 1
+    assert all("doc" not in rows[f"own-{n:02d}"] for n in range(15))  # ours: dropped
+    assert [rows[f"theirs-{n}"]["doc"]["n"] for n in range(3)] == [0, 1, 2]
+    assert rows["own-19"].get("deleted") is True and "doc" not in rows["own-19"]
+    split = rows["split"]["doc"]
+    assert split["v"] == 2 and split["_conflicts"] == ["2-" + "0" * 32]
+    assert feed.lean_reads == 4  # one `_all_docs` read: three documents and the split one
+    feed.since = second.last_seq
+
+    # 15 of 20 rows ours: still lean. A page of someone else's documents ends it.
+    await couch.bulk([{"_id": f"burst-{n:02d}"} for n in range(BURST_ROWS)])
+    third = await feed.read_page()
+    assert feed.lean_pages == 2 and all("doc" in row for row in third.results)
+    feed.since = third.last_seq
+    await couch.put({"_id": "after"})
+    fourth = await feed.read_page()
+    assert feed.lean_pages == 2  # read with documents again
+    assert by_id(fourth)["after"]["doc"]["_id"] == "after"
+
+
+async def test_a_short_page_is_never_followed_by_a_lean_one(
+    couch: CouchAdmin, client: CouchClient
+) -> None:
+    """A trickle of our own writes (the latency case) keeps documents on the feed: a lean
+    page would cost a second request for the next new message."""
+    ours = Ours(BulkWriter(client))
+    feed = follower(client, ours)
+    await ours.write([{"_id": f"own-{n}"} for n in range(BURST_ROWS - 1)])
+    first = await feed.read_page()
+    feed.since = first.last_seq
+    await couch.put({"_id": "new-message"})
+    second = await feed.read_page()
+    assert feed.lean_pages == 0 and by_id(second)["new-message"]["doc"]["_id"] == "new-message"
+
+
+async def test_settle_waits_until_the_writer_heard_the_answer(client: CouchClient) -> None:
+    """The feed can show a revision before the request that wrote it is answered: `settle`
+    lets the writer hear its answer (and remember the revision) before the row is judged."""
+    writer = BulkWriter(client)
+    heard: list[str | None] = []
+
+    async def write() -> None:
+        result = await writer.write({"_id": "racing"})
+        heard.append(result.rev)
+
+    job = asyncio.ensure_future(write())
+    for _ in range(1000):
+        if writer.writing("racing"):
+            break
+        await asyncio.sleep(0)
+    assert writer.writing("racing")
+    assert await writer.settle(["racing", "other"])
+    assert len(heard) == 1 and heard[0] is not None
+    assert not await writer.settle(["racing"])  # nothing under way: no wait
+    await job
