@@ -250,8 +250,11 @@ class Claims:
         couch_outage: Outage,
         on_written: Callable[[str, str | None], None],
         started: float | None = None,
+        leaves: Callable[[str], Awaitable[list[Leaf]]] | None = None,
     ) -> None:
         self._couch = couch
+        # H2's read: a `LeafReader`'s, which shares one request among concurrent claims.
+        self._read_leaves = leaves or couch.leaves
         self._writer = writer
         self._resolver = resolver
         self.identity = identity
@@ -565,7 +568,7 @@ class Claims:
     async def _leaves(self, doc_id: str) -> list[Leaf]:
         while True:
             try:
-                return await self._couch.leaves(doc_id)
+                return await self._read_leaves(doc_id)
             except RetryableError as exc:
                 self._log.warning("confirm_retrying", doc_id=doc_id, error=str(exc))
                 await self._pause(self._couch_outage.failed())

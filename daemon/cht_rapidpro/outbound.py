@@ -52,7 +52,7 @@ from .chtconfig import ChtConfig
 from .claims import ClaimedTask, Claims, Hold, Identity
 from .config import Settings
 from .conflicts import ConflictResolver
-from .couch.client import BulkWriter, CouchClient, JsonDict, clone
+from .couch.client import BulkWriter, CouchClient, JsonDict, LeafReader, clone
 from .errors import (
     AuthError,
     GatewayError,
@@ -327,6 +327,7 @@ class OutgoingSender:
             pause=self._sleep,
             couch_outage=self._couch_outage,
             on_written=self._remember_write,
+            leaves=LeafReader(couch).leaves,
         )
 
     # -- intake ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from cht_rapidpro.config import parse_couch_url
-from cht_rapidpro.couch.client import BulkWriter, CouchClient
+from cht_rapidpro.couch.client import BulkWriter, CouchClient, LeafReader
 from support import CouchAdmin
 
 BY_STATE = "function(doc) { if (doc.state) { emit(doc.state, null); } }"
@@ -96,6 +96,44 @@ async def test_leaves_and_conflicts(couch: CouchAdmin, client: CouchClient) -> N
     read = await client.get("c", conflicts=True)
     assert read is not None and len(read["_conflicts"]) == 1
     assert await client.leaves("missing") == []
+
+
+async def test_leaves_of_many_documents_in_one_request(
+    couch: CouchAdmin, client: CouchClient
+) -> None:
+    """`_bulk_get` without a revision: every leaf of each document, as `leaves` reads one;
+    concurrent readers share a request (`LeafReader`)."""
+    doc = await couch.put({"_id": "c", "v": 1})
+    parent = doc["_rev"]
+    await couch.put(dict(doc, v=2))
+    sibling = {"_id": "c", "_rev": "2-" + "a" * 32, "v": 3,
+               "_revisions": {"start": 2, "ids": ["a" * 32, parent.split("-")[1]]}}  # fmt: skip
+    await couch.request("POST", f"/{couch.db}/_bulk_docs", {"docs": [sibling], "new_edits": False})
+    await couch.bulk([{"_id": f"plain-{n}", "n": n} for n in range(5)])
+    gone = await couch.put({"_id": "gone"})
+    await couch.request("DELETE", f"/{couch.db}/gone?rev={gone['_rev']}")
+
+    couchdb = await client.is_couchdb()  # learnt once, before the readers come
+    reader = LeafReader(client)
+    ids = ["c", "c", *(f"plain-{n}" for n in range(5)), "missing"]
+    answers = await asyncio.gather(*(reader.leaves(doc_id) for doc_id in ids))
+    assert [len(a) for a in answers] == [2, 2, 1, 1, 1, 1, 1, 0]
+    assert answers[0][0].doc is not answers[1][0].doc  # each caller its own copy
+    if not couchdb:
+        # pouchdb-server's `_bulk_get` gives the winning leaf alone: one read each there.
+        assert reader.requests == 0
+        return
+    assert reader.requests == 1
+
+    found = await client.leaves_many(["c", "plain-0", "missing", "gone"])
+    single = await client.leaves("c")
+    assert not isinstance(found["c"], Exception)
+    assert sorted((leaf.rev, leaf.ancestry, leaf.doc["v"]) for leaf in found["c"]) == sorted(
+        (leaf.rev, leaf.ancestry, leaf.doc["v"]) for leaf in single
+    )
+    assert found["missing"] == []
+    assert [leaf.doc["n"] for leaf in found["plain-0"]] == [0]  # type: ignore[union-attr]
+    assert [leaf.deleted for leaf in found["gone"]] == [True]  # type: ignore[union-attr]
 
 
 async def test_lazy_writes_ride_along_with_the_next_urgent_one(client: CouchClient) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
+import itertools
 import json
 import ssl
 import time
@@ -205,6 +207,26 @@ def revision_key(rev: str) -> tuple[int, str]:
     return (int(head) if head.isdigit() else 0, tail)
 
 
+def _leaves_of(rows: list[Any]) -> list[Leaf]:
+    """Leaves from `open_revs` rows (`{"ok": doc}`; `{"missing": rev}` is a leaf no copy
+    read has the body of, and is left out)."""
+    found = []
+    for row in rows:
+        doc = row.get("ok") if isinstance(row, dict) else None
+        if not isinstance(doc, dict) or not isinstance(doc.get("_rev"), str):
+            continue
+        revisions = doc.pop("_revisions", None) or {}
+        start, ids = revisions.get("start"), revisions.get("ids")
+        if isinstance(start, int) and isinstance(ids, list) and ids:
+            ancestry = tuple(f"{start - i}-{rev_id}" for i, rev_id in enumerate(ids))
+        else:
+            ancestry = (doc["_rev"],)
+        found.append(
+            Leaf(rev=doc["_rev"], ancestry=ancestry, deleted=bool(doc.get("_deleted")), doc=doc)
+        )
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class ChangesPage:
     results: list[JsonDict]
@@ -222,6 +244,8 @@ class CouchClient:
         # aiocouch has no public accessor for its session; the feed, views and config calls
         # reuse it so that every CouchDB request shares one pool, auth and middleware.
         self._session: aiohttp.ClientSession = couch._server._http_session
+        self._is_couchdb: bool | None = None  # learnt on first use (`is_couchdb`)
+        self._detecting = asyncio.Lock()
         self._base = str(target.server).rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s))
         self.db = aiocouch.Database(couch, target.db)
@@ -373,28 +397,60 @@ class CouchClient:
             return []
         if not isinstance(rows, list):
             raise RetryableError(f"leaves {doc_id}: CouchDB answered with an unexpected body")
-        found = []
-        for row in rows:
-            doc = row.get("ok") if isinstance(row, dict) else None
-            if not isinstance(doc, dict) or not isinstance(doc.get("_rev"), str):
-                continue  # {"missing": rev}: a leaf no copy we read has the body of
-            revisions = doc.pop("_revisions", None) or {}
-            start, ids = revisions.get("start"), revisions.get("ids")
-            if isinstance(start, int) and isinstance(ids, list) and ids:
-                ancestry = tuple(f"{start - i}-{rev_id}" for i, rev_id in enumerate(ids))
+        return _leaves_of(rows)
+
+    async def leaves_many(self, doc_ids: Sequence[str]) -> dict[str, list[Leaf] | RetryableError]:
+        """`leaves` of several documents in one `_bulk_get` (no `rev`: every leaf).
+
+        CouchDB 3 answers it with `fabric:open_revs` over the batch, which like the single
+        read merges the leaves of at least a read quorum of copies (`fabric_open_revs`: a
+        document's answer counts towards R only when it adds no leaf to those merged). A
+        document the copies could not answer for comes back as a RetryableError of its own.
+        """
+        body = await self._request_json(
+            "POST",
+            self._url(self.target.db, "_bulk_get"),
+            "leaves",
+            params={"revs": "true"},
+            body={"docs": [{"id": doc_id} for doc_id in doc_ids]},
+        )
+        results = body.get("results") if isinstance(body, dict) else None
+        if not isinstance(results, list):
+            raise RetryableError("leaves: CouchDB answered _bulk_get with an unexpected body")
+        found: dict[str, list[Leaf] | RetryableError] = {}
+        for result in results:
+            doc_id = result.get("id") if isinstance(result, dict) else None
+            rows = result.get("docs") if isinstance(result, dict) else None
+            if not isinstance(doc_id, str) or not isinstance(rows, list):
+                continue
+            errors = [row["error"] for row in rows if isinstance(row.get("error"), dict)]
+            if errors and all(error.get("error") == "not_found" for error in errors):
+                found[doc_id] = _leaves_of([row for row in rows if "ok" in row])
+            elif errors:
+                reason = errors[0].get("reason") or errors[0].get("error")
+                found[doc_id] = RetryableError(f"leaves {doc_id}: {reason}")
             else:
-                ancestry = (doc["_rev"],)
-            found.append(
-                Leaf(rev=doc["_rev"], ancestry=ancestry, deleted=bool(doc.get("_deleted")), doc=doc)
-            )
+                found[doc_id] = _leaves_of(rows)
+        for doc_id in doc_ids:
+            found.setdefault(doc_id, RetryableError(f"leaves {doc_id}: not in the answer"))
         return found
 
     async def filters_by_selector(self) -> bool:
         """Whether the server is Apache CouchDB (2+), whose `_changes` takes a `_selector`
         filter (pouchdb-server crashes on one)."""
-        info = await self.server_info()
-        version = str(info.get("version", ""))
-        return info.get("couchdb") == "Welcome" and version[:1].isdigit() and version[0] >= "2"
+        return await self.is_couchdb()
+
+    async def is_couchdb(self) -> bool:
+        """Whether the server is Apache CouchDB 2+ (not a server that speaks its API, such
+        as pouchdb-server, whose `_bulk_get` without a revision returns only the winner)."""
+        async with self._detecting:  # concurrent callers share one look
+            if self._is_couchdb is None:
+                info = await self.server_info()
+                version = str(info.get("version", ""))
+                self._is_couchdb = (
+                    info.get("couchdb") == "Welcome" and version[:1].isdigit() and version[0] >= "2"
+                )
+        return self._is_couchdb
 
     async def replica_count(self) -> int:
         """How many copies of each shard the database keeps (`cluster.n`; 1 if not a cluster)."""
@@ -836,6 +892,67 @@ class BulkWriter:
                 # Lazy writes left: they go when the oldest is due (or with an urgent one).
                 wait = self._queue[0].at + self._lazy_s - time.monotonic()
                 self._timer = asyncio.get_running_loop().call_later(max(0.0, wait), self._kick)
+
+
+class LeafReader:
+    """Group read of `CouchClient.leaves`: concurrent callers share one `_bulk_get`.
+
+    A claim's H2 read (`claims.py`) on a cluster: in a burst a whole batch of claims is
+    answered at once and each reads its document's leaves; one request for all of them
+    costs CouchDB a fraction of one each. The first read goes at once; reads that come
+    while a request is under way go together in the next.
+    """
+
+    def __init__(self, client: CouchClient, *, max_batch: int = 500) -> None:
+        self._client = client
+        self._max_batch = max_batch
+        self._queue: dict[str, list[asyncio.Future[list[Leaf]]]] = {}
+        self._reading = False
+        self.requests = 0  # for tests and benchmarks
+
+    async def leaves(self, doc_id: str) -> list[Leaf]:
+        if not await self._client.is_couchdb():
+            return await self._client.leaves(doc_id)  # one request each, as before
+        future: asyncio.Future[list[Leaf]] = asyncio.get_running_loop().create_future()
+        self._queue.setdefault(doc_id, []).append(future)
+        if not self._reading:
+            self._reading = True
+            task = asyncio.get_running_loop().create_task(self._read(), name="leaf-reader")
+            task.add_done_callback(_retrieve)
+        return await future
+
+    async def _read(self) -> None:
+        try:
+            while self._queue:
+                ids = list(itertools.islice(self._queue, self._max_batch))
+                waiting = {doc_id: self._queue.pop(doc_id) for doc_id in ids}
+                self.requests += 1
+                try:
+                    found = await self._client.leaves_many(ids)
+                except BaseException as exc:
+                    for futures in waiting.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for doc_id, futures in waiting.items():
+                    answer = found[doc_id]
+                    for future in futures:
+                        if future.done():
+                            continue
+                        if isinstance(answer, BaseException):
+                            future.set_exception(answer)
+                        else:
+                            # Each caller gets its own documents to change.
+                            future.set_result(
+                                [dataclasses.replace(leaf, doc=clone(leaf.doc)) for leaf in answer]
+                                if len(futures) > 1
+                                else answer
+                            )
+        finally:
+            self._reading = False
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
