@@ -254,7 +254,7 @@ class Claims:
     ) -> None:
         self._couch = couch
         # H2's read: a `LeafReader`'s, which shares one request among concurrent claims.
-        self._read_leaves = leaves or couch.leaves
+        self._read_leaves = leaves
         self._writer = writer
         self._resolver = resolver
         self.identity = identity
@@ -568,7 +568,8 @@ class Claims:
     async def _leaves(self, doc_id: str) -> list[Leaf]:
         while True:
             try:
-                return await self._read_leaves(doc_id)
+                read = self._read_leaves or self._couch.leaves
+                return await read(doc_id)
             except RetryableError as exc:
                 self._log.warning("confirm_retrying", doc_id=doc_id, error=str(exc))
                 await self._pause(self._couch_outage.failed())
