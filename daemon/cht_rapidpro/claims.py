@@ -251,10 +251,12 @@ class Claims:
         on_written: Callable[[str, str | None], None],
         started: float | None = None,
         leaves: Callable[[str], Awaitable[list[Leaf]]] | None = None,
+        reread: Callable[[str], Awaitable[JsonDict | None]] | None = None,
     ) -> None:
         self._couch = couch
         # H2's read: a `LeafReader`'s, which shares one request among concurrent claims.
         self._read_leaves = leaves
+        self._read_doc = reread  # a `DocReader`'s, likewise
         self._writer = writer
         self._resolver = resolver
         self.identity = identity
@@ -577,6 +579,8 @@ class Claims:
     async def _reread(self, doc_id: str) -> JsonDict | None:
         while True:
             try:
+                if self._read_doc is not None:
+                    return await self._read_doc(doc_id)
                 return await self._couch.get(doc_id, conflicts=True)
             except RetryableError as exc:
                 self._log.warning("reread_retrying", doc_id=doc_id, error=str(exc))

@@ -52,7 +52,7 @@ from .chtconfig import ChtConfig
 from .claims import ClaimedTask, Claims, Hold, Identity
 from .config import Settings
 from .conflicts import ConflictResolver
-from .couch.client import BulkWriter, CouchClient, JsonDict, LeafReader, clone
+from .couch.client import BulkWriter, CouchClient, DocReader, JsonDict, LeafReader, clone
 from .errors import (
     AuthError,
     GatewayError,
@@ -317,6 +317,9 @@ class OutgoingSender:
         self.resolver = resolver or ConflictResolver(
             couch, metrics, on_written=self._remember_write, on_doc=on_doc
         )
+        # Re-reads before claiming (another replica's document) and after a conflict come
+        # in bursts on a cluster: they share requests.
+        self._docs = DocReader(couch)
         self.claims = Claims(
             couch=couch,
             writer=writer,
@@ -328,6 +331,7 @@ class OutgoingSender:
             couch_outage=self._couch_outage,
             on_written=self._remember_write,
             leaves=LeafReader(couch).leaves,
+            reread=self._docs.get,
         )
 
     # -- intake ---------------------------------------------------------------------------
@@ -993,7 +997,7 @@ class OutgoingSender:
         )
         while True:
             try:
-                return await self._couch.get(doc_id, conflicts=True)
+                return await self._docs.get(doc_id)
             except RetryableError as exc:
                 self._log.warning("reread_retrying", doc_id=doc_id, error=str(exc))
                 await self._sleep(backoff.next_delay())

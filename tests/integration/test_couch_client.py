@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from cht_rapidpro.config import parse_couch_url
-from cht_rapidpro.couch.client import BulkWriter, CouchClient, LeafReader
+from cht_rapidpro.couch.client import BulkWriter, CouchClient, DocReader, LeafReader
 from support import CouchAdmin
 
 BY_STATE = "function(doc) { if (doc.state) { emit(doc.state, null); } }"
@@ -134,6 +134,27 @@ async def test_leaves_of_many_documents_in_one_request(
     assert found["missing"] == []
     assert [leaf.doc["n"] for leaf in found["plain-0"]] == [0]  # type: ignore[union-attr]
     assert [leaf.deleted for leaf in found["gone"]] == [True]  # type: ignore[union-attr]
+
+
+async def test_concurrent_rereads_share_a_request_on_couchdb(
+    couch: CouchAdmin, client: CouchClient
+) -> None:
+    """`DocReader`: what `get(doc_id, conflicts=True)` returns, for many callers at once."""
+    doc = await couch.put({"_id": "c", "v": 1})
+    sibling = {"_id": "c", "_rev": "1-" + "0" * 32, "v": 0}
+    await couch.request("POST", f"/{couch.db}/_bulk_docs", {"docs": [sibling], "new_edits": False})
+    await couch.bulk([{"_id": f"plain-{n}", "n": n} for n in range(3)])
+    gone = await couch.put({"_id": "gone"})
+    await couch.request("DELETE", f"/{couch.db}/gone?rev={gone['_rev']}")
+    ids = ["c", "c", "plain-0", "plain-1", "plain-2", "gone", "missing"]
+    want = [await client.get(doc_id, conflicts=True) for doc_id in ids]
+    couchdb = await client.is_couchdb()
+    reader = DocReader(client)
+    got = await asyncio.gather(*(reader.get(doc_id) for doc_id in ids))
+    assert got == want
+    assert want[0] is not None and want[0]["_rev"] == doc["_rev"] and want[0]["_conflicts"]
+    assert got[0] is not got[1]  # each caller its own copy
+    assert reader.requests == (1 if couchdb else 0)  # pouchdb-server: one GET each
 
 
 async def test_lazy_writes_ride_along_with_the_next_urgent_one(client: CouchClient) -> None:

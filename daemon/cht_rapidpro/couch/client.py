@@ -15,10 +15,18 @@ import itertools
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import aiocouch
@@ -30,6 +38,7 @@ from ..config import CouchTarget
 from ..errors import AuthError, ConflictError, GatewayError, RetryableError
 
 JsonDict = dict[str, Any]
+T = TypeVar("T")
 
 
 def clone(doc: JsonDict) -> JsonDict:
@@ -894,30 +903,35 @@ class BulkWriter:
                 self._timer = asyncio.get_running_loop().call_later(max(0.0, wait), self._kick)
 
 
-class LeafReader:
-    """Group read of `CouchClient.leaves`: concurrent callers share one `_bulk_get`.
+class GroupReader(Generic[T]):
+    """Concurrent reads of single documents share one request (`fetch` of many ids).
 
-    A claim's H2 read (`claims.py`) on a cluster: in a burst a whole batch of claims is
-    answered at once and each reads its document's leaves; one request for all of them
-    costs CouchDB a fraction of one each. The first read goes at once; reads that come
-    while a request is under way go together in the next.
+    The first read goes at once; reads that come while a request is under way go together
+    in the next. In a burst a whole batch of claims is answered at once and each then reads
+    its document; one request for all of them costs CouchDB a fraction of one each.
+    `copy` gives each extra caller of the same id its own value to change.
     """
 
-    def __init__(self, client: CouchClient, *, max_batch: int = 500) -> None:
-        self._client = client
+    def __init__(
+        self,
+        fetch: Callable[[list[str]], Awaitable[Mapping[str, T | RetryableError]]],
+        *,
+        copy: Callable[[T], T],
+        max_batch: int = 500,
+    ) -> None:
+        self._fetch = fetch
+        self._copy = copy
         self._max_batch = max_batch
-        self._queue: dict[str, list[asyncio.Future[list[Leaf]]]] = {}
+        self._queue: dict[str, list[asyncio.Future[T]]] = {}
         self._reading = False
         self.requests = 0  # for tests and benchmarks
 
-    async def leaves(self, doc_id: str) -> list[Leaf]:
-        if not await self._client.is_couchdb():
-            return await self._client.leaves(doc_id)  # one request each, as before
-        future: asyncio.Future[list[Leaf]] = asyncio.get_running_loop().create_future()
+    async def read(self, doc_id: str) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.setdefault(doc_id, []).append(future)
         if not self._reading:
             self._reading = True
-            task = asyncio.get_running_loop().create_task(self._read(), name="leaf-reader")
+            task = asyncio.get_running_loop().create_task(self._read(), name="group-reader")
             task.add_done_callback(_retrieve)
         return await future
 
@@ -928,7 +942,7 @@ class LeafReader:
                 waiting = {doc_id: self._queue.pop(doc_id) for doc_id in ids}
                 self.requests += 1
                 try:
-                    found = await self._client.leaves_many(ids)
+                    found = await self._fetch(ids)
                 except BaseException as exc:
                     for futures in waiting.values():
                         for future in futures:
@@ -938,21 +952,65 @@ class LeafReader:
                         raise
                     continue
                 for doc_id, futures in waiting.items():
-                    answer = found[doc_id]
-                    for future in futures:
+                    answer = found.get(doc_id, RetryableError(f"{doc_id}: not in the answer"))
+                    for n, future in enumerate(futures):
                         if future.done():
                             continue
-                        if isinstance(answer, BaseException):
+                        if isinstance(answer, RetryableError):
                             future.set_exception(answer)
                         else:
-                            # Each caller gets its own documents to change.
-                            future.set_result(
-                                [dataclasses.replace(leaf, doc=clone(leaf.doc)) for leaf in answer]
-                                if len(futures) > 1
-                                else answer
-                            )
+                            future.set_result(answer if n == 0 else self._copy(answer))
         finally:
             self._reading = False
+
+
+class LeafReader:
+    """`CouchClient.leaves` for concurrent callers (a claim's H2 read on a cluster, see
+    `claims.py`): one `_bulk_get` for all of them on Apache CouchDB; on a server whose
+    `_bulk_get` gives only the winning leaf (pouchdb-server), one read each."""
+
+    def __init__(self, client: CouchClient) -> None:
+        self._client = client
+        self._group = GroupReader(
+            client.leaves_many,
+            copy=lambda leaves: [dataclasses.replace(leaf, doc=clone(leaf.doc)) for leaf in leaves],
+        )
+
+    @property
+    def requests(self) -> int:
+        return self._group.requests
+
+    async def leaves(self, doc_id: str) -> list[Leaf]:
+        if not await self._client.is_couchdb():
+            return await self._client.leaves(doc_id)
+        return await self._group.read(doc_id)
+
+
+class DocReader:
+    """`CouchClient.get(doc_id, conflicts=True)` for concurrent callers: one `_all_docs`
+    read on Apache CouchDB (`current_docs`: CouchDB 3 opens each key as a single GET does,
+    `fabric:open_doc`, a read quorum of copies on a cluster, with `_conflicts`); elsewhere
+    one GET each, as before. None: no such document, or deleted."""
+
+    def __init__(self, client: CouchClient) -> None:
+        self._client = client
+
+        async def fetch(ids: list[str]) -> dict[str, JsonDict | RetryableError | None]:
+            docs = await client.current_docs(ids)
+            return {doc_id: docs.get(doc_id) for doc_id in ids}
+
+        self._group: GroupReader[JsonDict | None] = GroupReader(
+            fetch, copy=lambda doc: None if doc is None else clone(doc)
+        )
+
+    @property
+    def requests(self) -> int:
+        return self._group.requests
+
+    async def get(self, doc_id: str) -> JsonDict | None:
+        if not await self._client.is_couchdb():
+            return await self._client.get(doc_id, conflicts=True)
+        return await self._group.read(doc_id)
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
