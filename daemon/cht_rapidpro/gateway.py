@@ -109,6 +109,27 @@ class Dispatcher:
             release()
 
 
+def feed_selector() -> JsonDict:
+    """The documents the dispatcher acts on, as a `_selector` for the changes feed of a
+    server that filters (Apache CouchDB 2+; never pouchdb-server, which crashes on one).
+
+    Everything else (contacts, reports without messages, design documents) the dispatcher
+    only skips; on a busy CHT instance that is most of the feed, and CouchDB then neither
+    sends it nor the daemon decodes it. Deleted documents always come (a deletion ends
+    tracking); so does every document of ours, by prefix, and anything with messages.
+    """
+    prefixes = (REPLICA_PREFIX, BUDGET_PREFIX, TRANSLATIONS_PREFIX, INCOMING_PREFIX)
+    return {
+        "$or": [
+            {"_deleted": True},
+            {"tasks": {"$exists": True}},
+            {"scheduled_tasks": {"$exists": True}},
+            {"_id": "settings"},
+            *({"_id": {"$gte": prefix, "$lt": prefix + "\ufff0"}} for prefix in prefixes),
+        ]
+    }
+
+
 def _ours(doc: JsonDict) -> bool:
     """Documents the daemon writes, whose conflicts it resolves (CHT's own it leaves)."""
     doc_id = str(doc.get("_id", ""))
@@ -325,6 +346,7 @@ class Gateway:
                 "read credentials", lambda: self.cht.refresh_credentials(force=True)
             )
             await self._retrying("load checkpoint", self.follower.load_checkpoint)
+            await self._retrying("ask what the server is", self._choose_feed)
             await self._retrying("read the database's layout", self.sender.claims.detect)
             await self._retrying("look for CHT's views", self.poller.prepare)
             await self._retrying("announce replica", self._join)
@@ -343,6 +365,11 @@ class Gateway:
                 resumed=self.follower.resumed,
                 clustered=self.sender.claims.clustered,
             )
+
+    async def _choose_feed(self) -> None:
+        """Let CouchDB drop the feed's rows the dispatcher would only skip."""
+        if await self.couch.filters_by_selector():
+            self.follower.selector = feed_selector()
 
     async def _join(self) -> None:
         await self.presence.load()
