@@ -15,6 +15,7 @@ import pytest
 from cht_rapidpro.config import parse_couch_url
 from cht_rapidpro.couch.changes import BURST_ROWS, ChangesFollower
 from cht_rapidpro.couch.client import BulkWriter, ChangesPage, CouchClient, JsonDict
+from cht_rapidpro.gateway import feed_selector
 from cht_rapidpro.metrics import Metrics
 from support import CouchAdmin
 
@@ -150,3 +151,33 @@ async def test_settle_waits_until_the_writer_heard_the_answer(client: CouchClien
     assert len(heard) == 1 and heard[0] is not None
     assert not await writer.settle(["racing"])  # nothing under way: no wait
     await job
+
+
+async def test_couchdb_sends_only_what_the_daemon_acts_on(
+    couch: CouchAdmin, client: CouchClient
+) -> None:
+    """`gateway.feed_selector()`: on Apache CouchDB the feed leaves out what the dispatcher
+    would only skip (contacts, reports without messages, design documents) and keeps the
+    rest, deletions included. pouchdb-server crashes on `filter=_selector`: never sent there."""
+    if not await client.is_couchdb():
+        pytest.skip("filter=_selector is for Apache CouchDB only (the real tier runs this)")
+    contact = await couch.put({"_id": "contact", "type": "person"})
+    await couch.bulk(
+        [
+            {"_id": "report", "type": "data_record", "form": "V"},
+            {"_id": "with-tasks", "type": "data_record", "tasks": []},
+            {"_id": "scheduled", "type": "data_record", "scheduled_tasks": []},
+            {"_id": "cht-rapidpro-replica:a"},
+            {"_id": "messages-en", "type": "translations"},
+            {"_id": "sms-rapidpro:123"},
+            {"_id": "_design/medic", "views": {}},
+        ]
+    )
+    await couch.put_settings()
+    await couch.request("DELETE", f"/{couch.db}/contact?rev={contact['_rev']}")
+    page = await client.changes(None, limit=100, heartbeat_s=0.5, selector=feed_selector())
+    assert sorted(row["id"] for row in page.results) == sorted(
+        ["with-tasks", "scheduled", "cht-rapidpro-replica:a", "messages-en",
+         "sms-rapidpro:123", "settings", "contact"]
+    )  # fmt: skip
+    assert next(r for r in page.results if r["id"] == "contact").get("deleted") is True
