@@ -57,6 +57,7 @@ from harness import (
     machine_facts,
     percentile,
     serve_sandbox,
+    wait_broadcasts,
     wait_for,
     wait_quiet,
 )
@@ -510,21 +511,9 @@ async def bench_throughput(ctx: Context) -> Result:
             if any("error" in row for row in rows):
                 raise RuntimeError("the _bulk_docs of pending messages was refused in part")
             near_end = n - n // 10
-            await wait_for(
-                rapidpro.probe.reach(near_end),
-                daemon,
-                900,
-                f"{near_end} broadcasts",
-                lambda: rapidpro.probe.count,
-            )
+            await wait_broadcasts(rapidpro, daemon, near_end)
             watching = watch.follow(within=900.0)
-            last_post = await wait_for(
-                rapidpro.probe.reach(n),
-                daemon,
-                900,
-                f"{n} broadcasts",
-                lambda: rapidpro.probe.count,
-            )
+            last_post = await wait_broadcasts(rapidpro, daemon, n)
             first_post = rapidpro.probe.arrivals[0]
             seen = await watching
             meter.stop()
@@ -657,13 +646,7 @@ async def bench_polling(ctx: Context) -> Result:
                     workload.pending(f"Bench polling {i}: reminder.") for i in range(sent, level)
                 ]
                 await bulk_load(couch, docs)
-                await wait_for(
-                    rapidpro.probe.reach(level),
-                    daemon,
-                    900,
-                    f"{level} broadcasts",
-                    lambda: rapidpro.probe.count,
-                )
+                await wait_broadcasts(rapidpro, daemon, level)
                 sent = level
                 skip = len(daemon.events("status_poll_completed"))
                 rounds = await poll_rounds(daemon, level, sizes.poll_rounds, skip, 300)
@@ -1090,19 +1073,13 @@ async def bench_throttle(ctx: Context) -> Result:
             meter = ctx.meter(daemon)
             started = time.perf_counter()
             await bulk_load(couch, docs)
-            await wait_for(
-                rapidpro.probe.reach(n // 2), daemon, 60 * window, f"{n // 2} broadcasts",
-                lambda: rapidpro.probe.count,
-            )  # fmt: skip
+            await wait_broadcasts(rapidpro, daemon, n // 2, within=60 * window)
             late_text = "Bench throttle: written in the middle of the backlog."
             late = workload.pending(late_text)
             late_written = time.perf_counter()
             await couch.put(late)
             arrival = rapidpro.probe.expect(late_text)
-            await wait_for(
-                rapidpro.probe.reach(n + 1), daemon, 60 * window, f"{n + 1} broadcasts",
-                lambda: rapidpro.probe.count,
-            )  # fmt: skip
+            await wait_broadcasts(rapidpro, daemon, n + 1, within=60 * window)
             late_at = await arrival
             finished = time.perf_counter()
             await confirm_sent(couch, [d["_id"] for d in docs], within=120)

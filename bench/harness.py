@@ -515,6 +515,20 @@ async def wait_for(
             task.cancel()
 
 
+async def wait_broadcasts(
+    rapidpro: RunningSandbox, daemon: Daemon, count: int, within: float = 900.0
+) -> float:
+    """The arrival time of the `count`-th accepted broadcast (`wait_for`, the sandbox's count
+    as progress)."""
+    return await wait_for(
+        rapidpro.probe.reach(count),
+        daemon,
+        within,
+        f"{count} broadcasts",
+        lambda: rapidpro.probe.count,
+    )
+
+
 # --- the servers the benchmarks run on -----------------------------------------------------------
 
 
