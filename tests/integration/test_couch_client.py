@@ -81,14 +81,21 @@ async def test_a_quiet_long_poll_ends_without_an_error(
     assert quiet.last_seq == first.last_seq
 
 
-async def test_leaves_and_conflicts(couch: CouchAdmin, client: CouchClient) -> None:
-    """Every leaf with its ancestry (`open_revs=all`), and `_conflicts` on a plain read."""
-    doc = await couch.put({"_id": "c", "v": 1})
-    parent = doc["_rev"]
+async def split_document(couch: CouchAdmin, doc_id: str) -> str:
+    """A document with two leaves of generation 2 (`v` 2, and a sibling with `v` 3, stored as
+    replication stores one); returns their parent revision."""
+    doc = await couch.put({"_id": doc_id, "v": 1})
+    parent = str(doc["_rev"])
     await couch.put(dict(doc, v=2))
-    sibling = {"_id": "c", "_rev": "2-" + "a" * 32, "v": 3,
+    sibling = {"_id": doc_id, "_rev": "2-" + "a" * 32, "v": 3,
                "_revisions": {"start": 2, "ids": ["a" * 32, parent.split("-")[1]]}}  # fmt: skip
     await couch.request("POST", f"/{couch.db}/_bulk_docs", {"docs": [sibling], "new_edits": False})
+    return parent
+
+
+async def test_leaves_and_conflicts(couch: CouchAdmin, client: CouchClient) -> None:
+    """Every leaf with its ancestry (`open_revs=all`), and `_conflicts` on a plain read."""
+    parent = await split_document(couch, "c")
     leaves = await client.leaves("c")
     assert len(leaves) == 2
     assert all(leaf.descends_from(parent) for leaf in leaves)
@@ -103,12 +110,7 @@ async def test_leaves_of_many_documents_in_one_request(
 ) -> None:
     """`_bulk_get` without a revision: every leaf of each document, as `leaves` reads one;
     concurrent readers share a request (`LeafReader`)."""
-    doc = await couch.put({"_id": "c", "v": 1})
-    parent = doc["_rev"]
-    await couch.put(dict(doc, v=2))
-    sibling = {"_id": "c", "_rev": "2-" + "a" * 32, "v": 3,
-               "_revisions": {"start": 2, "ids": ["a" * 32, parent.split("-")[1]]}}  # fmt: skip
-    await couch.request("POST", f"/{couch.db}/_bulk_docs", {"docs": [sibling], "new_edits": False})
+    await split_document(couch, "c")
     await couch.bulk([{"_id": f"plain-{n}", "n": n} for n in range(5)])
     gone = await couch.put({"_id": "gone"})
     await couch.request("DELETE", f"/{couch.db}/gone?rev={gone['_rev']}")
