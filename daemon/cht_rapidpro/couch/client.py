@@ -452,6 +452,8 @@ class CouchClient:
     async def is_couchdb(self) -> bool:
         """Whether the server is Apache CouchDB 2+ (not a server that speaks its API, such
         as pouchdb-server, whose `_bulk_get` without a revision returns only the winner)."""
+        if self._is_couchdb is not None:
+            return self._is_couchdb  # every claim's read asks: known after the first look
         async with self._detecting:  # concurrent callers share one look
             if self._is_couchdb is None:
                 info = await self.server_info()
