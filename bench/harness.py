@@ -187,6 +187,11 @@ async def serve_sandbox(config: SandboxConfig) -> AsyncIterator[RunningSandbox]:
         yield RunningSandbox(f"http://127.0.0.1:{port}", sandbox, probe)
     finally:
         await runner.cleanup()
+        # aiohttp keeps every app it served in a module-level middleware cache (an lru_cache of
+        # 1,024 entries), and with it the sandbox's workspace: up to millions of messages after
+        # the log and shared benchmarks, which every later benchmark then paid for in garbage
+        # collection. Forget the workspace here.
+        sandbox.reset()
 
 
 # --- CPU and memory of processes ----------------------------------------------------------------
