@@ -181,3 +181,39 @@ async def test_couchdb_sends_only_what_the_daemon_acts_on(
          "sms-rapidpro:123", "settings", "contact"]
     )  # fmt: skip
     assert next(r for r in page.results if r["id"] == "contact").get("deleted") is True
+
+
+async def test_a_lean_page_is_read_without_the_selector(
+    couch: CouchAdmin, client: CouchClient
+) -> None:
+    """To match a selector CouchDB 3 opens every document (0.18-0.20 ms a row against 0.06
+    without): a lean page, mostly our own writes, is read without it. A document it would
+    have dropped (a contact) then comes with its document, for the consumer to skip."""
+    if not await client.is_couchdb():
+        pytest.skip("filter=_selector is for Apache CouchDB only (the real tier runs this)")
+    ours = Ours(BulkWriter(client))
+    feed = follower(client, ours)
+    feed.selector = feed_selector()
+    docs = [{"_id": f"own-{n:02d}", "tasks": []} for n in range(20)]
+    await ours.write(docs)
+    await couch.put({"_id": "contact-before", "type": "person"})
+    first = await feed.read_page()  # with documents, through the selector: no contact
+    assert sorted(by_id(first)) == [f"own-{n:02d}" for n in range(20)]
+    feed.since = first.last_seq
+
+    await ours.write([dict(doc, n=1) for doc in docs[:15]])
+    await couch.put({"_id": "contact", "type": "person"})
+    second = await feed.read_page()
+    rows = by_id(second)
+    assert feed.lean_pages == 1
+    assert rows["contact"]["doc"]["type"] == "person"
+    assert all("doc" not in rows[f"own-{n:02d}"] for n in range(15))
+    feed.since = second.last_seq
+
+    # A page of someone else's documents ends lean reading: the selector is back.
+    await couch.bulk([{"_id": f"burst-{n:02d}", "tasks": []} for n in range(BURST_ROWS)])
+    third = await feed.read_page()
+    feed.since = third.last_seq
+    await couch.bulk([{"_id": "contact-after", "type": "person"}, {"_id": "msg", "tasks": []}])
+    fourth = await feed.read_page()
+    assert feed.lean_pages == 2 and sorted(by_id(fourth)) == ["msg"]

@@ -21,7 +21,11 @@ a row whose only leaf is a revision of ours is dropped, and the documents of the
 (a new message, another writer's revision, a document with conflicting branches) are read in
 one `_all_docs` request, with `_conflicts`. That read returns each document's current
 revision, which may be newer than the row's: handling it early is what a later row would do
-anyway. Rows are handled in feed order either way; only the cost differs.
+anyway. Rows are handled in feed order either way; only the cost differs. A lean page is
+read without the feed's selector: to match one, CouchDB 3 opens every document, which costs
+it 0.18-0.20 ms a row instead of 0.06 (measured on 3.4.3); the few rows of documents the
+selector would have dropped are read with the others and skipped by the consumer, as on a
+server without selectors.
 """
 
 from __future__ import annotations
@@ -228,7 +232,7 @@ class ChangesFollower:
             self.since,
             limit=self._batch,
             heartbeat_s=self._heartbeat_s,
-            selector=self.selector,
+            selector=None if lean else self.selector,
             include_docs=not lean,
             all_leaves=lean,
         )
