@@ -103,7 +103,12 @@ class Dispatcher:
             return
         self._index.update_doc(doc, time.time())
         self._own.update_doc(doc, self._cht.app_settings)
-        self._backlog.update_doc(doc)
+        if not self._sender.is_own_revision(doc_id, doc.get("_rev")):
+            # Not for a revision of ours: the backlog learnt what it says when it was written
+            # (a claim leaves a message unsent, a write-back is told directly). A claim can
+            # come on the feed after the write-back that followed it: taking it would count
+            # the message unsent again, and the write-back may come on a lean page, skipped.
+            self._backlog.update_doc(doc)
         release = hold() if hold else None
         if not self._sender.offer(doc, release) and release:
             release()

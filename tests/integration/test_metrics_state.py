@@ -129,3 +129,26 @@ async def test_backlog_empties_after_a_burst_read_on_lean_pages(
     )
     assert after["chtrp_oldest_unsent_age_seconds"] == 0
     assert daemon.gateway.follower.lean_pages > 0  # the write-backs came on lean pages
+
+
+async def test_an_own_claim_seen_after_its_write_back_does_not_bring_the_message_back(
+    couch: CouchAdmin, daemon_factory: Any
+) -> None:
+    """The feed can bring a claim of ours (with its document) after the write-back that
+    followed it was written and told the backlog: the stale revision must not count the
+    message unsent again (the write-back itself may then come on a lean page, skipped)."""
+    daemon = await daemon_factory()  # no outgoing credential: nothing is sent meanwhile
+    gateway = daemon.gateway
+    claimed = message_doc([task("+254700000402", "claimed", state="forwarded-to-gateway")])
+    claimed["_rev"] = "2-" + "c" * 32
+    written_back = message_doc(
+        [task("+254700000402", "claimed", state="received-by-gateway", gateway_ref="101")],
+        doc_id=claimed["_id"],
+    )
+    written_back["_rev"] = "3-" + "d" * 32
+    gateway.sender.remember_write(claimed["_id"], claimed["_rev"])  # the claim, ours
+    gateway.sender.remember_write(claimed["_id"], written_back["_rev"])
+    gateway._written_back(written_back)
+    assert gateway.backlog.messages == 0
+    gateway.dispatcher.handle_doc(claimed, None)  # the claim, late on a page with documents
+    assert gateway.backlog.messages == 0
