@@ -484,6 +484,8 @@ async def bench_latency(ctx: Context) -> Result:
 #: Rounds of the throughput benchmark: each a fresh database, the daemon's burst, then one pass
 #: of the server's ceiling on the same documents. The ratio reported is the median round's.
 THROUGHPUT_ROUNDS = 3
+#: Single-doc GETs after each ceiling pass (what a request costs the server, whatever it carries).
+CEILING_GETS = 200
 
 
 @dataclass
@@ -585,7 +587,7 @@ async def throughput_round(ctx: Context, number: int) -> ThroughputRound:
             ceiling_s = time.perf_counter() - pass_started
             ceiling_cpu = ctx.server_cpu() - ceiling_cpu
             # What one request costs the server, whatever it carries: single-doc GETs.
-            gets = ids[: min(200, n)]
+            gets = ids[: min(CEILING_GETS, n)]
             get_cpu, get_started = ctx.server_cpu(), time.perf_counter()
             for doc_id in gets:
                 await couch.get(doc_id)
@@ -663,7 +665,7 @@ async def bench_throughput(ctx: Context) -> Result:
         "the ceiling's run one at a time.",
         f"- The server's CPU per unit of work: {mid.ceiling_cpu / n * 1000:.2f} ms per doc in "
         f"the ceiling (read + write, {batch} a request); {mid.get_cpu * 1000:.2f} ms per "
-        f"single-doc `GET` (200 GETs one after another, {ms(mid.get_s)} each); "
+        f"single-doc `GET` ({min(CEILING_GETS, n)} GETs one after another, {ms(mid.get_s)} each); "
         f"{mid.server_used / n * 1000:.2f} ms per message while the daemon sent.",
         *sent_notes(mid.sent, mid.handling),
         f"- {mid.meter.summary()}.",
